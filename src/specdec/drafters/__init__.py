@@ -1,0 +1,6 @@
+"""Drafters propose tokens for the target to verify. One drafter per file."""
+from .base import DraftProposal, Drafter, DrafterFactory
+from .model import ModelDrafter
+from .ngram import NGramDrafter
+
+__all__ = ["DraftProposal", "Drafter", "DrafterFactory", "ModelDrafter", "NGramDrafter"]

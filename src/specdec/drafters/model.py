@@ -1,0 +1,52 @@
+"""A smaller causal LM sharing the target's vocabulary drafts k tokens autoregressively."""
+from __future__ import annotations
+
+import torch
+
+from ..logits import sample, to_probs
+from ..models.base import CausalLM
+from ..sampling_params import SamplingParams
+from .base import DraftProposal
+
+
+class ModelDrafter:
+    def __init__(self, model: CausalLM) -> None:
+        self.model = model
+        self.cache = model.new_cache()
+        self._context_length = 0
+        self._drafts_in_cache = 0
+
+    def propose(
+        self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> DraftProposal:
+        # The cache holds an accepted prefix of `context` (observe() rewound it); feed the rest.
+        new_tokens = context[self.model.cache_length(self.cache) :]
+        logits = self.model.forward(new_tokens, self.cache, num_logits=1)  # [1, vocab]
+        tokens, probs = [], []
+        for i in range(k):
+            if i:
+                logits = self.model.forward(tokens[-1], self.cache, num_logits=1)
+            token, token_probs = self._pick(logits, params, generator)
+            tokens.append(token)
+            probs.append(token_probs)
+        self._context_length = context.shape[0]
+        self._drafts_in_cache = max(k - 1, 0)  # the last draft is never fed back
+        return DraftProposal(
+            torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.long, device=context.device),
+            torch.cat(probs) if probs and probs[0] is not None else None,
+            forward_passes=max(k, 1),
+        )
+
+    def observe(self, num_accepted: int) -> None:
+        keep = self._context_length + min(num_accepted, self._drafts_in_cache)
+        self.model.rewind(self.cache, keep)
+
+    @staticmethod
+    def _pick(
+        logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # logits: [1, vocab] -> token [1], probs [1, vocab] or None when greedy
+        if params.greedy:
+            return logits.argmax(dim=-1), None
+        probs = to_probs(logits, params)
+        return sample(probs, generator), probs

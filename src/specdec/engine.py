@@ -1,0 +1,139 @@
+"""The user-facing engine: a target, an optional drafter, and a tokenizer, ready to generate."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Sequence
+
+from .drafters.base import DrafterFactory
+from .drafters.model import ModelDrafter
+from .drafters.ngram import NGramDrafter
+from .errors import InvalidRequestError, SpecDecError, VocabularyMismatchError
+from .generation import Generation, GenerationOutput
+from .models.base import CausalLM
+from .sampling_params import SamplingParams
+
+log = logging.getLogger("specdec")
+
+DRAFTERS = ("model", "ngram", "none")
+
+Prompt = str | Sequence[int]
+
+
+class Engine:
+    def __init__(
+        self,
+        target: CausalLM,
+        tokenizer: Any | None = None,
+        drafter: str = "ngram",
+        draft_model: CausalLM | None = None,
+    ) -> None:
+        self.target = target
+        self.tokenizer = tokenizer
+        self.draft_model = draft_model
+        self.drafter_name = drafter
+        self._drafter_factory = _drafter_factory(drafter, target, draft_model)
+
+    def with_drafter(self, drafter: str, draft_model: CausalLM | None = None) -> "Engine":
+        """Same target and tokenizer, another drafter (weights are shared, not copied)."""
+        return Engine(self.target, self.tokenizer, drafter, draft_model or self.draft_model)
+
+    # ---- requests --------------------------------------------------------------------------
+    def start(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        """Validate a request and return its generation, ready to `step()`."""
+        prompt_ids = self.encode(prompt)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer, and this model has none", "stop")
+        self._check_length(len(prompt_ids), params.max_new_tokens)
+        drafter = self._drafter_factory() if self._drafter_factory and params.num_draft_tokens != 0 else None
+        return Generation(self.target, drafter, prompt_ids, params, self.tokenizer)
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, num_draft_tokens: int | None = None,
+                 stop: str | Sequence[str] | None = None) -> GenerationOutput:
+        params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop)
+        return self.start(prompt, params).run()
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, num_draft_tokens: int | None = None,
+               stop: str | Sequence[str] | None = None) -> Iterator[str]:
+        """Yield text deltas as the target accepts tokens."""
+        params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop)
+        generation = self.start(prompt, params)
+        while not generation.finished:
+            text = generation.step().text
+            if text:
+                yield text
+
+    # ---- prompts ---------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty", "prompt")
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: pass the prompt as a list of token ids", "prompt")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise InvalidRequestError("prompt is empty", "prompt")
+            vocab = self.target.vocab_size
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not messages:
+            raise InvalidRequestError("messages is empty", "messages")
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                f"model {self.target.name!r} has no chat template: use the completions endpoint / a plain prompt",
+                "messages",
+            )
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True) if self.tokenizer else ""
+
+    def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        context = self.target.max_context
+        if prompt_tokens >= context:
+            raise InvalidRequestError(
+                f"prompt has {prompt_tokens} tokens, but model {self.target.name!r} has a context of {context}", "prompt"
+            )
+        if prompt_tokens + max_new_tokens > context:
+            raise InvalidRequestError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+                f"of {context} tokens",
+                "max_new_tokens",
+            )
+
+
+def _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop) -> SamplingParams:
+    stop_tuple = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          seed=seed, num_draft_tokens=num_draft_tokens, stop=stop_tuple)
+
+
+def _drafter_factory(name: str, target: CausalLM, draft_model: CausalLM | None) -> DrafterFactory | None:
+    if name not in DRAFTERS:
+        raise SpecDecError(f"unknown drafter {name!r}: choose one of {', '.join(DRAFTERS)}")
+    if name == "none":
+        return None
+    if name == "ngram":
+        return NGramDrafter
+    if draft_model is None:
+        raise SpecDecError("drafter 'model' needs a draft model (--draft / draft=...)")
+    check_vocabularies(target, draft_model)
+    return lambda: ModelDrafter(draft_model)
+
+
+def check_vocabularies(target: CausalLM, draft: CausalLM) -> None:
+    if target.vocab_size != draft.vocab_size:
+        raise VocabularyMismatchError(
+            f"draft {draft.name!r} has a vocabulary of {draft.vocab_size} tokens but target {target.name!r} has "
+            f"{target.vocab_size}: speculative decoding needs one shared vocabulary, since the target verifies "
+            f"the draft's token ids directly"
+        )

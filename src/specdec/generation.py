@@ -1,0 +1,166 @@
+"""One request in flight: the speculative decoding loop, one step at a time.
+
+Each `step()` is propose -> verify -> accept -> commit -> emit:
+  propose  the drafter offers up to k tokens after the sequence so far;
+  verify   one target forward over [last, d1..dk] gives k+1 next-token distributions;
+  accept   the longest agreeing prefix is kept, plus one recovered or bonus token;
+  commit   the target's KV cache is rewound to the accepted length (a length change);
+  emit     the new tokens become text, checked for EOS, stop strings and the length limit.
+
+Invariant between steps: the target's cache holds every token but the last one, which is
+fed at the head of the next verify pass.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .acceptance import Verdict, verify_greedy, verify_sampled
+from .draft_length import DraftLengthPolicy
+from .drafters.base import DraftProposal, Drafter, empty_proposal
+from .logits import to_probs
+from .models.base import CausalLM
+from .sampling_params import SamplingParams
+from .stats import DRAFT, TARGET, GenerationStats
+from .text_stream import TextStream
+
+
+@dataclass
+class StepOutput:
+    token_ids: list[int]  # tokens this step added to the output
+    text: str  # text delta safe to show (may be empty while a stop string could still form)
+    finished: bool
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]  # generated tokens only, not the prompt
+    stats: GenerationStats
+    finish_reason: str | None = None
+    provenance: list[str] = field(default_factory=list)
+
+
+class Generation:
+    def __init__(
+        self,
+        target: CausalLM,
+        drafter: Drafter | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Any | None,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.params = params
+        self.policy = DraftLengthPolicy(fixed=params.num_draft_tokens)
+        self.max_length = min(len(prompt_ids) + params.max_new_tokens, target.max_context)
+        self.tokens = torch.empty(self.max_length, dtype=torch.long)  # prompt + output, preallocated
+        self.tokens[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+        self.prompt_length = self.length = len(prompt_ids)
+        self.cache = target.new_cache()
+        self.generator = _generator(target.device, params.seed)
+        self.text_stream = TextStream(tokenizer, params.stop)
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.finished = False
+        self._started: float | None = None
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> StepOutput:
+        if self.finished:
+            raise RuntimeError("generation already finished")
+        if self._started is None:
+            self._prefill()
+        proposal = self._propose()
+        target_logits = self._verify(proposal)
+        verdict = self._accept(target_logits, proposal)
+        self._commit(proposal, verdict)
+        return self._emit(proposal, verdict)
+
+    def _prefill(self) -> None:
+        self._started = time.perf_counter()
+        self.target.prefill(self.tokens[: self.length - 1], self.cache)
+        self.stats.prefill_time_s = time.perf_counter() - self._started
+
+    def _propose(self) -> DraftProposal:
+        # Each step emits up to k+1 tokens: keep k+1 within the token budget and the context.
+        budget = self.max_length - self.length - 1
+        k = self.policy.next(budget) if self.drafter is not None else 0
+        if k == 0:
+            return empty_proposal()
+        return self.drafter.propose(self.tokens[: self.length], k, self.params, self.generator)
+
+    def _verify(self, proposal: DraftProposal) -> torch.Tensor:
+        verify_ids = torch.cat([self.tokens[self.length - 1 : self.length], proposal.tokens.cpu()])  # [k+1]
+        return self.target.forward(verify_ids, self.cache, num_logits=verify_ids.shape[0])  # [k+1, vocab]
+
+    def _accept(self, target_logits: torch.Tensor, proposal: DraftProposal) -> Verdict:
+        draft_tokens = proposal.tokens.to(target_logits.device)
+        if self.params.greedy:
+            return verify_greedy(target_logits, draft_tokens)
+        target_probs = to_probs(target_logits, self.params)
+        draft_probs = proposal.probs.to(target_logits.device) if proposal.probs is not None else None
+        return verify_sampled(target_probs, draft_tokens, draft_probs, self.generator)
+
+    def _commit(self, proposal: DraftProposal, verdict: Verdict) -> None:
+        # The cache now holds [.., last, d1..dk]; keep [.., last, d1..dn].
+        self.target.rewind(self.cache, self.length + verdict.num_accepted)
+        num_drafted = proposal.tokens.shape[0]
+        if self.drafter is not None and num_drafted:
+            self.drafter.observe(verdict.num_accepted)
+        self.policy.observe(num_drafted, verdict.num_accepted)
+        self.stats.record_step(num_drafted, verdict.num_accepted, proposal.forward_passes)
+
+    def _emit(self, proposal: DraftProposal, verdict: Verdict) -> StepOutput:
+        new_ids = proposal.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
+        provenance = [DRAFT] * verdict.num_accepted + [TARGET]
+        finish_reason = None
+        eos_at = next((i for i, t in enumerate(new_ids) if t in self.target.eos_token_ids), None)
+        if eos_at is not None:
+            new_ids, provenance, finish_reason = new_ids[: eos_at + 1], provenance[: eos_at + 1], "stop"
+        text, stop_at = self.text_stream.push(new_ids)
+        if stop_at is not None:
+            new_ids, provenance, finish_reason = new_ids[: stop_at + 1], provenance[: stop_at + 1], "stop"
+        self.tokens[self.length : self.length + len(new_ids)] = torch.tensor(new_ids, dtype=torch.long)
+        self.length += len(new_ids)
+        self.stats.generated_tokens += len(new_ids)
+        self.stats.provenance.extend(provenance)
+        if finish_reason is None and self.length >= self.max_length:
+            finish_reason = "length"
+        now = time.perf_counter()
+        if not self.stats.time_to_first_token_s:
+            self.stats.time_to_first_token_s = now - self._started
+        self.stats.wall_time_s = now - self._started
+        if finish_reason is not None:
+            self.finished = True
+            self.stats.finish_reason = finish_reason
+            text += self.text_stream.finish()
+        return StepOutput(new_ids, text, self.finished, finish_reason)
+
+    # ---- results ----------------------------------------------------------------------------
+    def output(self) -> GenerationOutput:
+        return GenerationOutput(
+            text=self.text_stream.text,
+            token_ids=self.tokens[self.prompt_length : self.length].tolist(),
+            stats=self.stats,
+            finish_reason=self.stats.finish_reason,
+            provenance=list(self.stats.provenance),
+        )
+
+    def run(self) -> GenerationOutput:
+        while not self.finished:
+            self.step()
+        return self.output()
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

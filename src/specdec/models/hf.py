@@ -1,0 +1,76 @@
+"""`transformers` backend: any Hugging Face causal LM, CPU or GPU."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+# Long prompts are written into the cache in chunks to bound activation memory.
+PREFILL_CHUNK = 2048
+
+
+class HFCausalLM:
+    """Wraps a `transformers` causal LM behind the `CausalLM` interface."""
+
+    def __init__(self, model: PreTrainedModel, name: str, eos_token_ids: set[int] | None = None) -> None:
+        self.model = model.eval()
+        self.name = name
+        text_config = model.config.get_text_config()
+        self._config = text_config
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_context = int(getattr(text_config, "max_position_embeddings", None) or 1 << 20)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.eos_token_ids = frozenset(_eos_ids(model) if eos_token_ids is None else eos_token_ids)
+        # The decoder body without the output head: prefill needs no logits, and the head is
+        # the costliest layer of small large-vocabulary models (Gemma 3: 262k x 640).
+        self._body = getattr(model, model.base_model_prefix, None)
+
+    def new_cache(self) -> DynamicCache:
+        cache = DynamicCache(config=self._config)
+        # Sliding-window layers keep only the window unless told to record the past, and
+        # then cannot be cropped once the window is full; speculative decoding must crop.
+        if hasattr(cache, "activate_past_recording"):
+            cache.activate_past_recording()
+        return cache
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: torch.Tensor, cache: DynamicCache) -> None:
+        for start in range(0, token_ids.shape[0], PREFILL_CHUNK):
+            chunk = token_ids[start : start + PREFILL_CHUNK].to(self.device)[None]
+            if self._body is not None:
+                self._body(input_ids=chunk, past_key_values=cache, use_cache=True)
+            else:
+                self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.crop(0)  # let sliding layers drop what falls out of the window
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, cache: DynamicCache, num_logits: int) -> torch.Tensor:
+        out = self.model(
+            input_ids=token_ids.to(self.device)[None],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=num_logits,
+        )
+        return out.logits[0, -num_logits:].float()  # [num_logits, vocab]
+
+    def cache_length(self, cache: DynamicCache) -> int:
+        return int(cache.get_seq_length())
+
+    def rewind(self, cache: DynamicCache, length: int) -> None:
+        excess = self.cache_length(cache) - length
+        if excess < 0:
+            raise ValueError(f"cannot rewind a cache of {length + excess} positions to {length}")
+        cache.crop(-excess)
+
+
+def _eos_ids(model: PreTrainedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

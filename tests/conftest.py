@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def target_llama():
+    return tiny.wrap(tiny.llama(seed=0), "tiny-llama-target")
+
+
+@pytest.fixture(scope="session")
+def self_draft_llama():
+    """The target's own weights as a separate draft model: every draft is accepted."""
+    return tiny.wrap(tiny.llama(seed=0), "tiny-llama-self")
+
+
+@pytest.fixture(scope="session")
+def random_draft_llama():
+    """Unrelated random weights: almost nothing is accepted, output must still be exact."""
+    return tiny.wrap(tiny.llama(seed=1), "tiny-llama-random")
+
+
+@pytest.fixture(scope="session")
+def target_gemma():
+    return tiny.wrap(tiny.gemma3(seed=0), "tiny-gemma3-target")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny model directory with a tokenizer and chat template, as a user would have."""
+    directory = tmp_path_factory.mktemp("tiny-model")
+    model = tiny.llama(seed=0, dtype=torch.float32)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(directory)
+    tiny.tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-draft")
+    tiny.llama(seed=1, dtype=torch.float32, layers=1).save_pretrained(directory)
+    tiny.tokenizer(directory)
+    return directory

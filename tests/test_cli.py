@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_cli(*args, input_text=None):
+    return subprocess.run([sys.executable, "-m", "specdec.cli", *args], capture_output=True, text=True,
+                          input=input_text, timeout=180)
+
+
+def test_generate_json_has_text_tokens_and_stats(tiny_model_dir, tiny_draft_dir):
+    proc = run_cli("generate", "--target", str(tiny_model_dir), "--draft", str(tiny_draft_dir),
+                   "--prompt", "the quick brown fox", "--max-new-tokens", "24", "--num-draft-tokens", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["token_ids"]) == out["stats"]["generated_tokens"] > 0
+    for field in ("acceptance_rate", "mean_accepted_length", "per_position_acceptance", "target_forward_passes",
+                  "draft_forward_passes", "wall_time_s", "tokens_per_second", "provenance", "drafted_tokens",
+                  "accepted_tokens"):
+        assert field in out["stats"]
+
+
+def test_generate_streams_text_then_summary_and_reads_stdin(tiny_model_dir):
+    proc = run_cli("generate", "--target", str(tiny_model_dir), "--max-new-tokens", "16", input_text="the lazy dog")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "acceptance" in proc.stderr and "tok/s" in proc.stderr
+
+
+def test_generate_json_matches_api(tiny_model_dir):
+    import specdec
+
+    api = specdec.load(target=str(tiny_model_dir), device="cpu").generate("def add(a, b):", max_new_tokens=20)
+    proc = run_cli("generate", "--target", str(tiny_model_dir), "--prompt", "def add(a, b):",
+                   "--max-new-tokens", "20", "--json")
+    assert json.loads(proc.stdout)["token_ids"] == api.token_ids
+
+
+def test_chat_uses_the_template(tiny_model_dir):
+    proc = run_cli("generate", "--target", str(tiny_model_dir), "--chat", "--prompt", "hello",
+                   "--max-new-tokens", "8", "--json")
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,27 @@
+"""The real embedded default (Gemma 3 270M from its PyPI package): exact against transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec
+
+PROMPTS = [
+    "The James Webb Space Telescope is a space telescope designed to conduct infrared astronomy. "
+    "Summary: The James Webb Space Telescope",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "The capital of France is",
+]
+
+
+@pytest.mark.slow
+def test_default_model_ngram_greedy_equals_transformers_greedy():
+    engine = specdec.load(device="cpu")
+    assert engine.drafter_name == "ngram" and engine.target.vocab_size == 262144
+    for prompt in PROMPTS:
+        ours = engine.generate(prompt, max_new_tokens=32)
+        ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            ref = engine.target.model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert ours.token_ids == ref, prompt
+        assert ours.stats.target_forward_passes <= 32
