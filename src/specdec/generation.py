@@ -113,7 +113,7 @@ class Generation:
         if self.drafter is not None and num_drafted:
             self.drafter.observe(verdict.num_accepted)
         self.policy.observe(num_drafted, verdict.num_accepted)
-        self.stats.record_step(num_drafted, verdict.num_accepted, proposal.forward_passes)
+        self.stats.record_step(num_drafted, verdict.num_accepted, proposal.forward_passes, proposal.positions)
 
     def _emit(self, proposal: DraftProposal, verdict: Verdict) -> StepOutput:
         new_ids = proposal.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]

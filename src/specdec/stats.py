@@ -16,6 +16,8 @@ class GenerationStats:
     accepted_tokens: int = 0
     target_forward_passes: int = 0  # verify (or plain decode) passes; the prefill is not counted
     draft_forward_passes: int = 0
+    target_positions: int = 0  # token positions run through the target after the prefill (its compute)
+    draft_positions: int = 0  # token positions run through the draft model
     per_position_drafted: list[int] = field(default_factory=list)  # [i]: drafts proposed at position i
     per_position_accepted: list[int] = field(default_factory=list)  # [i]: of those, accepted
     provenance: list[str] = field(default_factory=list)  # per output token: "draft" or "target"
@@ -24,9 +26,11 @@ class GenerationStats:
     wall_time_s: float = 0.0
     finish_reason: str | None = None
 
-    def record_step(self, num_drafted: int, num_accepted: int, draft_passes: int) -> None:
+    def record_step(self, num_drafted: int, num_accepted: int, draft_passes: int, draft_positions: int) -> None:
         self.target_forward_passes += 1
+        self.target_positions += num_drafted + 1
         self.draft_forward_passes += draft_passes
+        self.draft_positions += draft_positions
         self.drafted_tokens += num_drafted
         self.accepted_tokens += num_accepted
         grow = num_drafted - len(self.per_position_drafted)

@@ -1,16 +1,114 @@
-"""`specdec bench` arguments (the runner lives in bench/runner.py)."""
+"""`specdec bench`: the seed's table on the user's own workload."""
 from __future__ import annotations
 
 import argparse
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import SpecDecError
+
+HF_PROMPT_LOOKUP_TOKENS = 10  # transformers' documented typical value
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="measure speedup, acceptance and compute against plain decoding and peers")
     from ..cli import add_model_args
 
+    p = sub.add_parser("bench", help="measure speedup, acceptance and compute against plain decoding and peers")
     add_model_args(p)
+    p.add_argument("--workload", default="all",
+                   help="JSONL file, or built-in: grounded, code, open, all (comma-separated; default: all)")
+    p.add_argument("--limit", type=int, help="at most this many prompts per workload")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--num-draft-tokens", default="adaptive",
+                   help="K, 'adaptive', or a comma-separated sweep such as 2,4,8,adaptive")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-peers", action="store_true", help="skip transformers' generate() runs")
+    p.add_argument("--out", help="output directory (default: bench-out/<timestamp>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from ..api import load
+    from .report import terminal_table, write_report
+    from .runner import BASELINE, run_benchmark, summarize
+    from .runs import HFGenerateRun, SpecdecRun
+    from .workloads import load_workload
+
+    ks = _parse_ks(args.num_draft_tokens)
+    if args.repeats < 1 or args.max_new_tokens < 1:
+        raise SpecDecError("--repeats and --max-new-tokens must be >= 1")
+    prompts = load_workload(args.workload, args.limit)
+    drafters = [args.drafter] if args.drafter else (["ngram", "model"] if args.draft else ["ngram"])
+    if "none" in drafters:
+        raise SpecDecError("--drafter none is the baseline, which always runs; name a drafter to compare")
+    engine = load(target=args.target, draft=args.draft, drafter=drafters[-1], device=args.device, dtype=args.dtype)
+
+    runs = [SpecdecRun(BASELINE, engine.with_drafter("none"), 0, kind="baseline")]
+    for drafter in drafters:
+        variant = engine.with_drafter(drafter)
+        for k in ks:
+            suffix = "" if len(ks) == 1 else f" k={'adaptive' if k is None else k}"
+            runs.append(SpecdecRun(f"specdec-{drafter}{suffix}", variant, k))
+    if not args.no_peers:
+        runs.append(HFGenerateRun("hf-plain", engine))
+        if "ngram" in drafters:
+            lookup = ks[0] if len(ks) == 1 and ks[0] else HF_PROMPT_LOOKUP_TOKENS
+            runs.append(HFGenerateRun("hf-prompt-lookup", engine, prompt_lookup_tokens=lookup))
+        if "model" in drafters:
+            runs.append(HFGenerateRun("hf-assisted", engine, assistant=True))
+
+    out_dir = Path(args.out or f"bench-out/{time.strftime('%Y%m%d-%H%M%S')}")
+    config = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(engine.target.device),
+        "target": engine.target.name, "draft": engine.draft_model.name if engine.draft_model else None,
+        "device": str(engine.target.device), "dtype": str(getattr(engine.target, "dtype", "")).removeprefix("torch."),
+        "workload": args.workload, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats, "temperature": args.temperature, "num_draft_tokens": args.num_draft_tokens,
+        "command": "specdec " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "",
+    }
+    results = run_benchmark(engine, runs, prompts, args.max_new_tokens, args.repeats, args.temperature, args.seed,
+                            config, progress=not args.quiet)
+    paths = write_report(results, out_dir)
+    print(terminal_table(summarize(results)))
+    print(f"\nreport: {paths['markdown']}\nresults: {paths['json']}", file=sys.stderr)
+    mismatched = [m for m in results.measurements if m.identical_to_baseline is False and m.kind == "specdec"]
+    if mismatched:
+        print(f"warning: {len(mismatched)} speculative greedy outputs differed from plain decoding", file=sys.stderr)
+    return 0
+
+
+def _parse_ks(text: str) -> list[int | None]:
+    ks: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "adaptive":
+            ks.append(None)
+        elif part.isdigit() and 1 <= int(part) <= 64:
+            ks.append(int(part))
+        else:
+            raise SpecDecError(f"--num-draft-tokens: expected K in 1..64, 'adaptive', or a comma list, got {part!r}")
+    return ks
+
+
+def _machine(device) -> str:
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"

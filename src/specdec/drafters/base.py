@@ -16,6 +16,7 @@ class DraftProposal:
     # settings; None when the drafter is deterministic (model-free, or greedy): q = one-hot.
     probs: torch.Tensor | None
     forward_passes: int  # draft model forward passes spent on this proposal
+    positions: int = 0  # token positions the draft model processed for it (its compute)
 
 
 class Drafter(Protocol):
@@ -34,4 +35,4 @@ DrafterFactory = Callable[[], Drafter]
 
 
 def empty_proposal(device: torch.device | str = "cpu") -> DraftProposal:
-    return DraftProposal(torch.empty(0, dtype=torch.long, device=device), None, 0)
+    return DraftProposal(torch.empty(0, dtype=torch.long, device=device), None, 0, 0)

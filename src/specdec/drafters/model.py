@@ -35,6 +35,7 @@ class ModelDrafter:
             torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.long, device=context.device),
             torch.cat(probs) if probs and probs[0] is not None else None,
             forward_passes=max(k, 1),
+            positions=new_tokens.shape[0] + max(k - 1, 0),
         )
 
     def observe(self, num_accepted: int) -> None:

@@ -1,0 +1,111 @@
+"""The configurations a benchmark compares: specdec (plain and speculative) and transformers' own generate()."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..engine import Engine
+from ..sampling_params import SamplingParams
+from ..stats import GenerationStats
+
+
+@dataclass
+class RunResult:
+    token_ids: list[int]
+    wall_time_s: float
+    stats: GenerationStats | None  # None for peers, whose internals we cannot see
+    compute_flops: float | None
+    peak_memory_mb: float
+
+
+class BenchRun(Protocol):
+    name: str
+    kind: str  # "baseline" | "specdec" | "peer"
+
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> RunResult: ...
+
+
+class SpecdecRun:
+    def __init__(self, name: str, engine: Engine, num_draft_tokens: int | None, kind: str = "specdec") -> None:
+        self.name, self.kind, self.engine, self.num_draft_tokens = name, kind, engine, num_draft_tokens
+        self._target_flops = flops_per_token(engine.target)
+        self._draft_flops = flops_per_token(engine.draft_model) if engine.draft_model is not None else 0.0
+
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> RunResult:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                num_draft_tokens=self.num_draft_tokens)
+        device = self.engine.target.device
+        _reset_peak(device)
+        _sync(device)
+        started = time.perf_counter()
+        out = self.engine.start(prompt_ids, params).run()
+        _sync(device)
+        elapsed = time.perf_counter() - started
+        s = out.stats
+        flops = self._target_flops * (s.prompt_tokens - 1 + s.target_positions) + self._draft_flops * s.draft_positions
+        return RunResult(out.token_ids, elapsed, s, flops, _peak_mb(device))
+
+
+class HFGenerateRun:
+    """transformers' generate(): plain, with an assistant model, or with prompt lookup."""
+
+    def __init__(self, name: str, engine: Engine, assistant: bool = False, prompt_lookup_tokens: int | None = None):
+        self.name, self.kind = name, "peer"
+        self.model = engine.target.model
+        self.assistant = engine.draft_model.model if assistant and engine.draft_model is not None else None
+        self.prompt_lookup_tokens = prompt_lookup_tokens
+        self.eos = sorted(engine.target.eos_token_ids)
+
+    @torch.inference_mode()
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> RunResult:
+        device = self.model.device
+        ids = torch.tensor([prompt_ids], device=device)
+        kwargs = dict(max_new_tokens=max_new_tokens, attention_mask=torch.ones_like(ids),
+                      eos_token_id=self.eos or None, pad_token_id=self.eos[0] if self.eos else 0)
+        kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else kwargs.update(do_sample=False)
+        if self.assistant is not None:
+            kwargs["assistant_model"] = self.assistant
+        if self.prompt_lookup_tokens:
+            kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
+        torch.manual_seed(seed)
+        _reset_peak(device)
+        _sync(device)
+        started = time.perf_counter()
+        out = self.model.generate(ids, **kwargs)
+        _sync(device)
+        elapsed = time.perf_counter() - started
+        return RunResult(out[0, len(prompt_ids):].tolist(), elapsed, None, None, _peak_mb(device))
+
+
+def flops_per_token(model) -> float:
+    """~2 FLOPs per weight that multiplies (the input embedding is a lookup; the output head
+    counts even when tied). Attention-score FLOPs are left out: small at these lengths."""
+    torch_model = getattr(model, "model", None)
+    if torch_model is None:
+        return 0.0
+    total = sum(p.numel() for p in torch_model.parameters())
+    embedding = torch_model.get_input_embeddings().weight
+    head = torch_model.get_output_embeddings().weight
+    tied = head.data_ptr() == embedding.data_ptr()
+    return 2.0 * (total if tied else total - embedding.numel())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide peak RSS, KiB -> MiB

@@ -1,0 +1,55 @@
+"""A tiny benchmark on tiny models: every column of the report is there and outputs matched."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from specdec.bench.report import COLUMNS
+from specdec.bench.workloads import BUILTIN, load_workload
+from specdec.errors import SpecDecError
+
+
+def test_tiny_bench_writes_report_with_every_column(tiny_model_dir, tiny_draft_dir, tmp_path):
+    workload = tmp_path / "w.jsonl"
+    workload.write_text('{"prompt": "the quick brown fox jumps over the lazy dog the quick", "category": "grounded"}\n'
+                        '{"prompt": "def add(a, b):", "category": "code"}\n'
+                        '{"messages": [{"role": "user", "content": "hello"}], "category": "chat"}\n')
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--target", str(tiny_model_dir),
+                           "--draft", str(tiny_draft_dir), "--workload", str(workload), "--max-new-tokens", "12",
+                           "--repeats", "2", "--num-draft-tokens", "2,adaptive", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for _, title, _ in COLUMNS:
+        assert title in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    runs = {row["run"] for row in results["summary"]}
+    assert {"specdec-plain", "specdec-ngram k=2", "specdec-model k=adaptive", "hf-plain", "hf-prompt-lookup",
+            "hf-assisted"} <= runs
+    for row in results["summary"]:
+        for key in ("median_latency_s", "latency_ratio", "speedup", "tokens_per_s", "peak_memory_mb", "identical"):
+            assert key in row
+        if row["run"].startswith("specdec"):
+            assert row["identical"] == 1.0, row  # greedy speculative output == plain output
+            assert row["compute_ratio"] is not None and row["mean_accepted_length"] >= 1.0
+    for name in ("report.md", "speedup_by_category.png", "acceptance_by_position.png", "speedup_vs_k.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| run |" in (out / "report.md").read_text()
+
+
+def test_builtin_workloads_cover_the_three_kinds():
+    prompts = load_workload("all")
+    assert {p.category for p in prompts} == {"grounded", "code", "open-ended"}
+    assert len(load_workload("grounded", limit=2)) == 2 and set(BUILTIN) == {"grounded", "code", "open"}
+
+
+def test_bad_workloads_are_clear_errors(tmp_path):
+    with pytest.raises(SpecDecError, match="neither a file nor a built-in"):
+        load_workload("nope")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"category": "x"}\n')
+    with pytest.raises(SpecDecError, match="line 1"):
+        load_workload(str(bad))
