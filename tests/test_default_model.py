@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import specdec
+from specdec.models.cpu_matmul import set_few_row_matmul
 
 PROMPTS = [
     "The James Webb Space Telescope is a space telescope designed to conduct infrared astronomy. "
@@ -21,7 +22,11 @@ def test_default_model_ngram_greedy_equals_transformers_greedy():
     for prompt in PROMPTS:
         ours = engine.generate(prompt, max_new_tokens=32)
         ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            ref = engine.target.model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+        set_few_row_matmul(engine.target.model, False)  # the reference is stock transformers
+        try:
+            with torch.inference_mode():
+                ref = engine.target.model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+        finally:
+            set_few_row_matmul(engine.target.model, True)
         assert ours.token_ids == ref, prompt
         assert ours.stats.target_forward_passes <= 32

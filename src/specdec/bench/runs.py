@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from ..engine import Engine
+from ..models.cpu_matmul import set_few_row_matmul
 from ..sampling_params import SamplingParams
 from ..stats import GenerationStats
 
@@ -71,12 +72,18 @@ class HFGenerateRun:
         if self.prompt_lookup_tokens:
             kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_tokens
         torch.manual_seed(seed)
-        _reset_peak(device)
-        _sync(device)
-        started = time.perf_counter()
-        out = self.model.generate(ids, **kwargs)
-        _sync(device)
-        elapsed = time.perf_counter() - started
+        # the peer runs stock transformers, without specdec's CPU matmul routing
+        switched = [m for m in (self.model, self.assistant) if m is not None and set_few_row_matmul(m, False)]
+        try:
+            _reset_peak(device)
+            _sync(device)
+            started = time.perf_counter()
+            out = self.model.generate(ids, **kwargs)
+            _sync(device)
+            elapsed = time.perf_counter() - started
+        finally:
+            for m in switched:
+                set_few_row_matmul(m, True)
         return RunResult(out[0, len(prompt_ids):].tolist(), elapsed, None, None, _peak_mb(device))
 
 

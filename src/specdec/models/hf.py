@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from .cpu_matmul import set_few_row_matmul
+
 # Long prompts are written into the cache in chunks to bound activation memory.
 PREFILL_CHUNK = 2048
 
@@ -26,6 +28,8 @@ class HFCausalLM:
         # The decoder body without the output head: prefill needs no logits, and the head is
         # the costliest layer of small large-vocabulary models (Gemma 3: 262k x 640).
         self._body = getattr(model, model.base_model_prefix, None)
+        if self.device.type == "cpu":
+            set_few_row_matmul(model, True)
 
     def new_cache(self) -> DynamicCache:
         cache = DynamicCache(config=self._config)
