@@ -59,3 +59,15 @@ def tiny_draft_dir(tmp_path_factory) -> Path:
     tiny.llama(seed=1, dtype=torch.float32, layers=1).save_pretrained(directory)
     tiny.tokenizer(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory) -> Path:
+    """A larger tiny model with no EOS: a request runs to max_tokens and holds its slot for seconds."""
+    directory = tmp_path_factory.mktemp("slow-model")
+    model = tiny.llama(seed=5, dtype=torch.float32, layers=8, hidden=384)
+    model.config.eos_token_id = None
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(directory)
+    tiny.tokenizer(directory)
+    return directory

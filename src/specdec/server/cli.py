@@ -1,16 +1,44 @@
-"""`specdec serve` arguments (the server itself lives in server/app.py)."""
+"""`specdec serve`: load an engine and serve it over HTTP."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+from pathlib import Path
 
 
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     from ..cli import add_model_args
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with streaming and metrics")
     add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-concurrency", type=int, default=8, help="requests generated at once")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; beyond this: HTTP 429")
+    p.add_argument("--api-key", default=os.environ.get("SPECDEC_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPECDEC_API_KEY)")
+    p.add_argument("--served-model-name", help="model id clients send (default: derived from --target)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import uvicorn
+
+    from ..cli import load_engine
+    from .app import ServerConfig, create_app
+
+    engine = load_engine(args)
+    name = args.served_model_name or _model_id(engine.target.name)
+    config = ServerConfig(model_name=name, max_running=args.max_concurrency, max_waiting=args.max_queue,
+                          api_key=args.api_key or None, max_body_bytes=args.max_body_bytes)
+    logging.getLogger("specdec").info("serving %r with drafter %r on http://%s:%d", name, engine.drafter_name,
+                                      args.host, args.port)
+    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _model_id(target_name: str) -> str:
+    path = Path(target_name)
+    return path.name if path.exists() else target_name

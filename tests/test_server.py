@@ -1,0 +1,193 @@
+"""`specdec serve` over loopback with the official openai client, bad inputs, load and metrics."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server_util import running_server
+
+MODEL = "tiny-model"
+PROMPTS = ["the quick brown fox", "def add(a, b):", "speculative decoding drafts tokens", "the lazy dog",
+           "return a + b", "the target verifies them"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with running_server("--target", str(tiny_model_dir), "--served-model-name", MODEL,
+                        "--max-concurrency", "8", "--max-queue", "64") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_completion_stream_equals_non_stream_and_reports_usage_and_speculative(client):
+    for prompt in PROMPTS[:3]:
+        full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+        text = full.choices[0].text
+        assert full.usage.completion_tokens > 0 and full.usage.prompt_tokens > 0
+        spec = full.model_extra["speculative"]
+        assert {"acceptance_rate", "mean_accepted_length", "drafted_tokens", "accepted_tokens"} <= set(spec)
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == text
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+        assert chunks[-1].model_extra["speculative"]["drafted_tokens"] == spec["drafted_tokens"]
+
+
+def test_chat_completion_stream_and_non_stream(client):
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    assert full.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_sampling_with_seed_is_reproducible(client):
+    kwargs = dict(model=MODEL, prompt="the quick", max_tokens=16, temperature=0.9, top_p=0.95, seed=11)
+    assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": 42}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**8}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 600}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "fox " * 2000}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "model"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": ""}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400, "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * (2 << 20)}, 413, None),
+    ("/v1/nothing", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD_REQUESTS, ids=[f"{i}" for i in range(len(BAD_REQUESTS))])
+def test_bad_request_gets_openai_error_and_server_keeps_serving(server, client, path, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{server}{path}", content=content, headers={"content-type": "application/json"},
+                          timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert client.completions.create(model=MODEL, prompt="the", max_tokens=4, temperature=0).choices[0].text is not None
+
+
+def test_load_32_concurrent_streams_one_killed_midway(server, client):
+    """32 streaming clients at once plus one that hangs up mid-stream: none lost, all correct."""
+    expected = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=48, temperature=0).choices[0].text
+                for p in PROMPTS}
+
+    def stream(i: int) -> tuple[str, str, float]:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        started = time.monotonic()
+        local = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+        text = "".join(c.choices[0].text for c in local.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=48, temperature=0, stream=True))
+        return prompt, text, time.monotonic() - started
+
+    def hang_up() -> None:
+        with httpx.stream("POST", f"{server}/v1/completions", timeout=60,
+                          json={"model": MODEL, "prompt": "the quick", "max_tokens": 400, "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 3:
+                    return  # close the connection mid-stream
+
+    before = _metric(server, "specdec_cancelled_requests_total")
+    killer = threading.Thread(target=hang_up)
+    killer.start()
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(stream, range(32), timeout=240))
+    killer.join(timeout=60)
+    elapsed = time.monotonic() - started
+    assert len(results) == 32
+    for prompt, text, _ in results:
+        assert text == expected[prompt]
+    latencies = sorted(r[2] for r in results)
+    print(f"\nload: 32 streams in {elapsed:.1f} s, p50 {latencies[15]:.2f} s, p95 {latencies[30]:.2f} s, 0 errors")
+    deadline = time.monotonic() + 10
+    while _metric(server, "specdec_cancelled_requests_total") <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(server, "specdec_cancelled_requests_total") == before + 1
+    assert httpx.get(f"{server}/health").json()["running"] == 0
+
+
+def test_metrics_parse_and_match_what_was_served(server, client):
+    before = _metric(server, "specdec_generated_tokens_total")
+    served = 0
+    for prompt in PROMPTS[:3]:
+        served += client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0).usage.completion_tokens
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)}
+    for name in ("specdec_requests", "specdec_generated_tokens", "specdec_drafted_tokens", "specdec_accepted_tokens",
+                 "specdec_acceptance_rate", "specdec_time_to_first_token_seconds", "specdec_request_latency_seconds",
+                 "specdec_queue_depth"):
+        assert name in families, name
+    assert _metric(server, "specdec_generated_tokens_total") == before + served
+    drafted = _metric(server, "specdec_drafted_tokens_total")
+    accepted = _metric(server, "specdec_accepted_tokens_total")
+    assert abs(_metric(server, "specdec_acceptance_rate") - (accepted / drafted if drafted else 0)) < 1e-9
+
+
+def test_api_key_required_when_configured(tiny_model_dir):
+    with running_server("--target", str(tiny_model_dir), "--served-model-name", MODEL, "--api-key", "s3cret") as base:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        ok = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        assert ok.completions.create(model=MODEL, prompt="the", max_tokens=3, temperature=0).choices
+        assert httpx.get(f"{base}/health").status_code == 200  # health stays open for probes
+
+
+def test_excess_requests_get_429_when_queue_is_full(slow_model_dir):
+    with running_server("--target", str(slow_model_dir), "--served-model-name", MODEL, "--max-concurrency", "1",
+                        "--max-queue", "0") as base:
+        body = {"model": MODEL, "prompt": "the quick", "max_tokens": 400, "temperature": 0, "stream": True,
+                "num_draft_tokens": 0}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as first:
+            lines = first.iter_lines()  # keep a reference: a collected iterator closes the stream
+            next(lines)  # the first request now holds the only slot
+            busy = httpx.post(f"{base}/v1/completions", json={**body, "stream": False}, timeout=30)
+            assert busy.status_code == 429 and "capacity" in busy.json()["error"]["message"]
+        time.sleep(0.5)
+        done = httpx.post(f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30)
+        assert done.status_code == 200
+
+
+def _metric(base: str, name: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return sample.value
+    raise KeyError(name)
