@@ -64,6 +64,17 @@ def test_sampled_generations_follow_target_law(pair, temperature, top_k, top_p, 
     assert chi2_statistic(draft_counts, law)[0] > chi2_critical(df, 1e-3)
 
 
+def test_self_draft_sampling_follows_target_law(pair):
+    from specdec.models.self_draft import build_self_draft
+
+    target, _ = pair
+    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, num_draft_tokens=2)
+    engine = Engine(target, drafter="self", draft_model=build_self_draft(target, "bfloat16"))
+    counts = sample_counts(engine, params, 2000, seed0=300)
+    stat, df = chi2_statistic(counts, exact_two_token_law(target, params))
+    assert stat < chi2_critical(df, 1e-3)
+
+
 def test_ngram_drafter_sampling_follows_target_law(pair):
     target, _ = pair
     params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, num_draft_tokens=2)

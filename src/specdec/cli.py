@@ -51,11 +51,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+DRAFTER_HELP = ("how drafts are made: a draft model, a cheaper copy of the target (self), prompt lookup (ngram), "
+                "lookup else a model (ngram+model, ngram+self), or none (default: model with --draft, else ngram)")
+
+
+def add_model_args(p: argparse.ArgumentParser, several_drafters: bool = False) -> None:
+    from .engine import DRAFTERS
+
     p.add_argument("--target", help="target model: short name, local dir, .gguf file or hub id (default: gemma-3-270m)")
     p.add_argument("--draft", help="draft model sharing the target's vocabulary")
-    p.add_argument("--drafter", choices=["model", "ngram", "none"],
-                   help="how drafts are made (default: model if --draft is given, else ngram)")
+    if several_drafters:
+        p.add_argument("--drafter", help=f"comma-separated drafters to compare ({', '.join(DRAFTERS[:-1])}); "
+                                         "default: ngram, plus model when --draft is given")
+    else:
+        p.add_argument("--drafter", choices=DRAFTERS, help=DRAFTER_HELP)
+    p.add_argument("--self-draft", choices=["bfloat16", "int8"], default="bfloat16",
+                   help="precision of the self-draft's linear layers (default: bfloat16)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
 
@@ -83,7 +94,8 @@ def _draft_tokens(value: str) -> int | None:
 def load_engine(args: argparse.Namespace):
     from .api import load
 
-    return load(target=args.target, draft=args.draft, drafter=args.drafter, device=args.device, dtype=args.dtype)
+    return load(target=args.target, draft=args.draft, drafter=args.drafter, device=args.device, dtype=args.dtype,
+                self_draft=args.self_draft)
 
 
 def sampling_params(args: argparse.Namespace):

@@ -5,6 +5,7 @@ import logging
 from typing import Any, Iterator, Sequence
 
 from .drafters.base import DrafterFactory
+from .drafters.hybrid import HybridDrafter
 from .drafters.model import ModelDrafter
 from .drafters.ngram import NGramDrafter
 from .errors import InvalidRequestError, SpecDecError, VocabularyMismatchError
@@ -14,7 +15,10 @@ from .sampling_params import SamplingParams
 
 log = logging.getLogger("specdec")
 
-DRAFTERS = ("model", "ngram", "none")
+# model: a separate draft model; self: a cheaper copy of the target (models/self_draft.py);
+# ngram: prompt lookup; ngram+model / ngram+self: lookup when it matches, the model otherwise.
+DRAFTERS = ("model", "self", "ngram", "ngram+model", "ngram+self", "none")
+MODEL_DRAFTERS = ("model", "self", "ngram+model", "ngram+self")
 
 Prompt = str | Sequence[int]
 
@@ -125,8 +129,10 @@ def _drafter_factory(name: str, target: CausalLM, draft_model: CausalLM | None) 
     if name == "ngram":
         return NGramDrafter
     if draft_model is None:
-        raise SpecDecError("drafter 'model' needs a draft model (--draft / draft=...)")
+        raise SpecDecError(f"drafter {name!r} needs a draft model (--draft / draft=...)")
     check_vocabularies(target, draft_model)
+    if name.startswith("ngram+"):
+        return lambda: HybridDrafter(ModelDrafter(draft_model))
     return lambda: ModelDrafter(draft_model)
 
 

@@ -18,7 +18,7 @@ def add_bench_parser(sub) -> None:
     from ..cli import add_model_args
 
     p = sub.add_parser("bench", help="measure speedup, acceptance and compute against plain decoding and peers")
-    add_model_args(p)
+    add_model_args(p, several_drafters=True)
     p.add_argument("--workload", default="all",
                    help="JSONL file, or built-in: grounded, code, open, all (comma-separated; default: all)")
     p.add_argument("--limit", type=int, help="at most this many prompts per workload")
@@ -36,6 +36,7 @@ def add_bench_parser(sub) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from ..api import load
+    from ..models.self_draft import build_self_draft
     from .report import terminal_table, write_report
     from .runner import BASELINE, run_benchmark, summarize
     from .runs import HFGenerateRun, SpecdecRun
@@ -45,14 +46,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.repeats < 1 or args.max_new_tokens < 1:
         raise SpecDecError("--repeats and --max-new-tokens must be >= 1")
     prompts = load_workload(args.workload, args.limit)
-    drafters = [args.drafter] if args.drafter else (["ngram", "model"] if args.draft else ["ngram"])
-    if "none" in drafters:
-        raise SpecDecError("--drafter none is the baseline, which always runs; name a drafter to compare")
-    engine = load(target=args.target, draft=args.draft, drafter=drafters[-1], device=args.device, dtype=args.dtype)
+    drafters = _parse_drafters(args.drafter, args.draft)
+    engine = load(target=args.target, draft=args.draft, drafter="model" if args.draft else "ngram",
+                  device=args.device, dtype=args.dtype)
+    self_draft = build_self_draft(engine.target, args.self_draft) if any("self" in d for d in drafters) else None
 
     runs = [SpecdecRun(BASELINE, engine.with_drafter("none"), 0, kind="baseline")]
     for drafter in drafters:
-        variant = engine.with_drafter(drafter)
+        variant = engine.with_drafter(drafter, self_draft if "self" in drafter else None)
         for k in ks:
             suffix = "" if len(ks) == 1 else f" k={'adaptive' if k is None else k}"
             runs.append(SpecdecRun(f"specdec-{drafter}{suffix}", variant, k))
@@ -61,7 +62,7 @@ def _bench(args: argparse.Namespace) -> int:
         if "ngram" in drafters:
             lookup = ks[0] if len(ks) == 1 and ks[0] else HF_PROMPT_LOOKUP_TOKENS
             runs.append(HFGenerateRun("hf-prompt-lookup", engine, prompt_lookup_tokens=lookup))
-        if "model" in drafters:
+        if args.draft:
             runs.append(HFGenerateRun("hf-assisted", engine, assistant=True))
 
     out_dir = Path(args.out or f"bench-out/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -72,7 +73,7 @@ def _bench(args: argparse.Namespace) -> int:
         "device": str(engine.target.device), "dtype": str(getattr(engine.target, "dtype", "")).removeprefix("torch."),
         "workload": args.workload, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats, "temperature": args.temperature, "num_draft_tokens": args.num_draft_tokens,
-        "command": "specdec " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "",
+        "command": "specdec " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
     results = run_benchmark(engine, runs, prompts, args.max_new_tokens, args.repeats, args.temperature, args.seed,
                             config, progress=not args.quiet)
@@ -83,6 +84,22 @@ def _bench(args: argparse.Namespace) -> int:
     if mismatched:
         print(f"warning: {len(mismatched)} speculative greedy outputs differed from plain decoding", file=sys.stderr)
     return 0
+
+
+def _parse_drafters(text: str | None, draft: str | None) -> list[str]:
+    from ..engine import DRAFTERS
+
+    if not text:
+        return ["ngram", "model"] if draft else ["ngram"]
+    drafters = [d.strip() for d in text.split(",") if d.strip()]
+    for d in drafters:
+        if d == "none":
+            raise SpecDecError("--drafter none is the baseline, which always runs; name drafters to compare")
+        if d not in DRAFTERS:
+            raise SpecDecError(f"unknown drafter {d!r}: choose from {', '.join(DRAFTERS[:-1])}")
+        if d in ("model", "ngram+model") and not draft:
+            raise SpecDecError(f"drafter {d!r} needs --draft")
+    return drafters
 
 
 def _parse_ks(text: str) -> list[int | None]:

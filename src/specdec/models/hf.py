@@ -20,10 +20,11 @@ class HFCausalLM:
         self.name = name
         text_config = model.config.get_text_config()
         self._config = text_config
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        head = model.get_output_embeddings()
+        self.vocab_size = int(getattr(head, "out_features", None) or head.weight.shape[0])
         self.max_context = int(getattr(text_config, "max_position_embeddings", None) or 1 << 20)
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        embedding = model.get_input_embeddings().weight  # a float tensor even in quantized clones
+        self.device, self.dtype = embedding.device, embedding.dtype
         self.eos_token_ids = frozenset(_eos_ids(model) if eos_token_ids is None else eos_token_ids)
         # The decoder body without the output head: prefill needs no logits, and the head is
         # the costliest layer of small large-vocabulary models (Gemma 3: 262k x 640).

@@ -1,0 +1,71 @@
+"""The self-draft (a cheaper copy of the target) and the n-gram+model hybrid: exact, and it fits."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import specdec
+from specdec import Engine
+from specdec.models.self_draft import build_self_draft
+import tiny
+from test_greedy_exactness import PROMPTS, reference_greedy, run
+
+
+@pytest.fixture(scope="module")
+def bf16_self_draft(target_llama):
+    return build_self_draft(target_llama, "bfloat16")
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, None])
+@pytest.mark.parametrize("drafter", ["self", "ngram+self"])
+def test_self_draft_greedy_equals_target_greedy(target_llama, bf16_self_draft, drafter, k):
+    engine = Engine(target_llama, drafter=drafter, draft_model=bf16_self_draft)
+    for prompt in PROMPTS:
+        assert run(engine, prompt, 40, k).token_ids == reference_greedy(target_llama, prompt, 40), prompt
+
+
+def test_self_draft_agrees_with_target_and_shares_its_embedding(target_llama, bf16_self_draft):
+    out = Engine(target_llama, drafter="self", draft_model=bf16_self_draft).generate(PROMPTS[0], max_new_tokens=60,
+                                                                                      num_draft_tokens=4)
+    assert out.stats.acceptance_rate > 0.8
+    assert bf16_self_draft.model.get_input_embeddings().weight is target_llama.model.get_input_embeddings().weight
+    # the target's own layers are untouched
+    assert target_llama.model.lm_head.weight.dtype == torch.float64
+
+
+def test_int8_self_draft_is_exact_within_tie_tolerance():
+    target = tiny.wrap(tiny.llama(seed=0, dtype=torch.float32))
+    engine = Engine(target, drafter="ngram+self", draft_model=build_self_draft(target, "int8"))
+    for prompt in PROMPTS[:4]:
+        ours = run(engine, prompt, 40, 4).token_ids
+        expected = reference_greedy(target, prompt, 40)
+        if ours != expected:
+            i = next(j for j, (a, b) in enumerate(zip(ours, expected)) if a != b)
+            top2 = target.model(torch.tensor([prompt + expected[:i]])).logits[0, -1].topk(2).values
+            assert float(top2[0] - top2[1]) < 1e-4
+
+
+def test_hybrid_uses_lookup_when_the_context_repeats(target_llama, bf16_self_draft):
+    engine = Engine(target_llama, drafter="ngram+self", draft_model=bf16_self_draft)
+    out = engine.generate([1, 7, 7, 7, 7, 7, 7, 7, 7], max_new_tokens=30, num_draft_tokens=4)
+    assert out.token_ids == reference_greedy(target_llama, [1, 7, 7, 7, 7, 7, 7, 7, 7], 30)
+
+
+def test_self_drafter_from_api_and_cli(tiny_model_dir):
+    engine = specdec.load(target=str(tiny_model_dir), drafter="self", device="cpu")
+    plain = engine.generate("the quick brown fox", max_new_tokens=20, num_draft_tokens=0)
+    assert engine.generate("the quick brown fox", max_new_tokens=20).token_ids == plain.token_ids
+    proc = subprocess.run([sys.executable, "-m", "specdec.cli", "generate", "--target", str(tiny_model_dir),
+                           "--drafter", "self", "--self-draft", "int8", "--prompt", "the lazy", "--json",
+                           "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_self_drafter_rejects_a_named_draft_and_bad_precision(tiny_model_dir, tiny_draft_dir):
+    with pytest.raises(specdec.SpecDecError, match="does not use one"):
+        specdec.load(target=str(tiny_model_dir), draft=str(tiny_draft_dir), drafter="self")
+    with pytest.raises(specdec.SpecDecError, match="self-draft precision"):
+        specdec.load(target=str(tiny_model_dir), drafter="self", self_draft="int3")
