@@ -19,7 +19,8 @@ def test_tiny_bench_writes_report_with_every_column(tiny_model_dir, tiny_draft_d
                         '{"messages": [{"role": "user", "content": "hello"}], "category": "chat"}\n')
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--target", str(tiny_model_dir),
-                           "--draft", str(tiny_draft_dir), "--workload", str(workload), "--max-new-tokens", "12",
+                           "--draft", str(tiny_draft_dir), "--drafter", "ngram,model,self,ngram+self",
+                           "--workload", str(workload), "--max-new-tokens", "12",
                            "--repeats", "2", "--num-draft-tokens", "2,adaptive", "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -28,7 +29,7 @@ def test_tiny_bench_writes_report_with_every_column(tiny_model_dir, tiny_draft_d
     results = json.loads((out / "results.json").read_text())
     runs = {row["run"] for row in results["summary"]}
     assert {"specdec-plain", "specdec-ngram k=2", "specdec-model k=adaptive", "hf-plain", "hf-prompt-lookup",
-            "hf-assisted"} <= runs
+            "hf-assisted", "specdec-self k=2", "specdec-ngram+self k=adaptive"} <= runs
     for row in results["summary"]:
         for key in ("median_latency_s", "latency_ratio", "speedup", "tokens_per_s", "peak_memory_mb", "identical"):
             assert key in row

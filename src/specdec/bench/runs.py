@@ -88,16 +88,18 @@ class HFGenerateRun:
 
 
 def flops_per_token(model) -> float:
-    """~2 FLOPs per weight that multiplies (the input embedding is a lookup; the output head
-    counts even when tied). Attention-score FLOPs are left out: small at these lengths."""
+    """~2 FLOPs per weight of every linear layer (the output head included, even when tied to
+    the input embedding, which is a lookup). Attention-score FLOPs are left out: small at
+    these lengths. Quantized or reduced-precision linears count by their shapes."""
+    from torch import nn
+    from torch.ao.nn.quantized import Linear as QuantizedLinear
+
     torch_model = getattr(model, "model", None)
     if torch_model is None:
         return 0.0
-    total = sum(p.numel() for p in torch_model.parameters())
-    embedding = torch_model.get_input_embeddings().weight
-    head = torch_model.get_output_embeddings().weight
-    tied = head.data_ptr() == embedding.data_ptr()
-    return 2.0 * (total if tied else total - embedding.numel())
+    weights = sum(m.in_features * m.out_features for m in torch_model.modules()
+                  if isinstance(m, (nn.Linear, QuantizedLinear)))
+    return 2.0 * weights
 
 
 def _sync(device: torch.device) -> None:
