@@ -21,12 +21,15 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     self_draft: str = "bfloat16",
+    backend: str = "torch",
 ) -> Engine:
     """Load a target (None: the embedded default, Gemma 3 270M) and a drafter.
 
     drafter: "model" (needs `draft`), "self" (a `self_draft`-precision copy of the target),
     "ngram" (prompt lookup), "ngram+model" / "ngram+self" (lookup when it matches, else the
     model), "none" (plain decoding), or None: "model" when a draft is named, else "ngram".
+    backend: "torch" (transformers) or "llama.cpp" (GGUF targets on CPU); drafts named by a
+    GGUF path load on the same backend as the target, others on torch.
     """
     _ensure_log_handler()
     if drafter is None:
@@ -40,11 +43,16 @@ def load(
         raise SpecDecError(f"unknown self-draft precision {self_draft!r}: choose one of {', '.join(SCHEMES)}")
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    loaded_target = load_model(target, resolved_device, resolved_dtype)
+    loaded_target = load_model(target, resolved_device, resolved_dtype, backend)
     if drafter in ("self", "ngram+self"):
+        if backend != "torch":
+            raise SpecDecError("the self-draft is built from a torch model: use --backend torch for it")
         draft_model = build_self_draft(loaded_target.model, self_draft)
+    elif draft is not None:
+        draft_backend = backend if str(draft).endswith(".gguf") else "torch"
+        draft_model = load_model(draft, resolved_device, resolved_dtype, draft_backend).model
     else:
-        draft_model = load_model(draft, resolved_device, resolved_dtype).model if draft is not None else None
+        draft_model = None
     return Engine(loaded_target.model, loaded_target.tokenizer, drafter, draft_model)
 
 

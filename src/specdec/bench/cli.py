@@ -48,7 +48,7 @@ def _bench(args: argparse.Namespace) -> int:
     prompts = load_workload(args.workload, args.limit)
     drafters = _parse_drafters(args.drafter, args.draft)
     engine = load(target=args.target, draft=args.draft, drafter="model" if args.draft else "ngram",
-                  device=args.device, dtype=args.dtype)
+                  device=args.device, dtype=args.dtype, backend=args.backend)
     self_draft = build_self_draft(engine.target, args.self_draft) if any("self" in d for d in drafters) else None
 
     runs = [SpecdecRun(BASELINE, engine.with_drafter("none"), 0, kind="baseline")]
@@ -57,7 +57,7 @@ def _bench(args: argparse.Namespace) -> int:
         for k in ks:
             suffix = "" if len(ks) == 1 else f" k={'adaptive' if k is None else k}"
             runs.append(SpecdecRun(f"specdec-{drafter}{suffix}", variant, k))
-    if not args.no_peers:
+    if not args.no_peers and args.backend == "torch":  # the transformers peers need the torch model
         runs.append(HFGenerateRun("hf-plain", engine))
         if "ngram" in drafters:
             lookup = ks[0] if len(ks) == 1 and ks[0] else HF_PROMPT_LOOKUP_TOKENS

@@ -135,7 +135,8 @@ def _summary_row(results: BenchResults, run: str, category: str) -> dict[str, An
     flops, base_flops = [m.compute_flops for m in mine], [m.compute_flops for m in base]
     if all(f is not None for f in flops) and base_flops and all(f is not None for f in base_flops):
         base_tokens = sum(m.tokens for m in base)
-        row["compute_ratio"] = (sum(flops) / tokens) / (sum(base_flops) / base_tokens) if tokens and base_tokens else None
+        known = tokens and base_tokens and sum(base_flops)
+        row["compute_ratio"] = (sum(flops) / tokens) / (sum(base_flops) / base_tokens) if known else None
     return row
 
 

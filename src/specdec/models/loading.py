@@ -31,7 +31,7 @@ CONVERSION_FORMAT = "1"  # bump to invalidate converted caches
 
 @dataclass
 class LoadedModel:
-    model: HFCausalLM
+    model: HFCausalLM | Any  # HFCausalLM, or LlamaCppCausalLM on the llama.cpp backend
     tokenizer: Any | None  # a transformers tokenizer, or None for token-id-only directories
     source: str
 
@@ -62,11 +62,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-def load_model(spec: str | os.PathLike | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Resolve `spec` to a model directory and load it. None means the embedded default."""
+BACKENDS = ("torch", "llama.cpp")
+
+
+def load_model(spec: str | os.PathLike | None, device: torch.device, dtype: torch.dtype,
+               backend: str = "torch") -> LoadedModel:
+    """Resolve `spec` to a model and load it on `backend`. None means the embedded default."""
     from .registry import DEFAULT_TARGET
 
     spec = DEFAULT_TARGET if spec is None else str(spec)
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "llama.cpp":
+        return _load_llama_cpp(spec, device)
     if spec in REGISTRY:
         directory = _converted_gguf(REGISTRY[spec].locate())
     else:
@@ -80,6 +88,54 @@ def load_model(spec: str | os.PathLike | None, device: torch.device, dtype: torc
         else:
             directory = None  # a hub id
     return _load_hf(spec if directory is None else str(directory), spec, device, dtype)
+
+
+def _load_llama_cpp(spec: str, device: torch.device) -> LoadedModel:
+    from . import llama_cpp_backend
+
+    if device.type != "cpu":
+        raise ModelLoadError("the llama.cpp backend runs on the CPU here; use --backend torch for GPUs")
+    if not llama_cpp_backend.available():
+        raise ModelLoadError("the llama.cpp backend needs llama-cpp-python (bash scripts/setup.sh installs it)")
+    path = REGISTRY[spec].locate() if spec in REGISTRY else Path(spec).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"the llama.cpp backend needs a GGUF file or a registry name; {spec!r} is neither")
+    _check_gguf(path)
+    log.info("loading %s with llama.cpp", spec)
+    model = llama_cpp_backend.LlamaCppCausalLM(path, name=spec)
+    return LoadedModel(model, _gguf_tokenizer(path), str(path))
+
+
+def _gguf_tokenizer(gguf_path: Path) -> Any:
+    """The GGUF's tokenizer as a `transformers` tokenizer, converted once and cached."""
+    from transformers import AutoTokenizer
+
+    directory = _cache_key_dir(gguf_path, "tokenizers")
+    if not (directory / "tokenizer_config.json").exists():
+        converted = _cache_key_dir(gguf_path, "converted")
+        if (converted / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(converted)
+        log.info("first use of %s: converting its tokenizer (about 30 s, once)", gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=_ensure(directory.parent)))
+        try:
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _ensure(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _cache_key_dir(gguf_path: Path, kind: str) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_FORMAT}".encode()).hexdigest()[:16]
+    return cache_root() / kind / f"{gguf_path.stem}-{key}"
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -119,9 +175,7 @@ def _load_tokenizer(location: str) -> Any | None:
 def _converted_gguf(gguf_path: Path) -> Path:
     """De-quantize a GGUF into a cached safetensors directory (once), and return that directory."""
     _check_gguf(gguf_path)
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_FORMAT}".encode()).hexdigest()[:16]
-    target = cache_root() / "converted" / f"{gguf_path.stem}-{key}"
+    target = _cache_key_dir(gguf_path, "converted")
     if (target / "config.json").exists():
         return target
     log.info("first use of %s: converting GGUF to a cached model directory %s (about a minute, once)", gguf_path.name, target)

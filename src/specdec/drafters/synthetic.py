@@ -1,0 +1,36 @@
+"""Synthetic acceptance, for benchmarks on random-weight models only.
+
+Random weights give no meaningful acceptance, so this drafter proposes the target's own greedy
+continuation (computed by a plain run first) with each token replaced at rate 1 - alpha,
+while still running a real draft model's forward passes so their cost is paid. The draft
+model's own tokens are discarded; its cache stays the right length, which is all its cost needs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..sampling_params import SamplingParams
+from .base import DraftProposal, Drafter
+
+
+class SyntheticDrafter:
+    def __init__(self, cost_drafter: Drafter | None, reference: list[int], alpha: float, vocab_size: int,
+                 seed: int = 0) -> None:
+        self.cost_drafter = cost_drafter
+        self.reference = torch.tensor(reference)
+        self.alpha = alpha
+        self.vocab_size = vocab_size
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def propose(self, context: torch.Tensor, k: int, params: SamplingParams,
+                generator: torch.Generator | None) -> DraftProposal:
+        paid = self.cost_drafter.propose(context, k, params, generator) if self.cost_drafter else None
+        truth = self.reference[context.shape[0] : context.shape[0] + k]
+        corrupt = torch.rand(truth.shape[0], generator=self.rng) >= self.alpha
+        shifted = (truth + 1 + torch.randint(0, self.vocab_size - 1, truth.shape, generator=self.rng)) % self.vocab_size
+        tokens = torch.where(corrupt, shifted, truth)
+        return DraftProposal(tokens, None, paid.forward_passes if paid else 0, paid.positions if paid else 0)
+
+    def observe(self, num_accepted: int) -> None:
+        if self.cost_drafter is not None:
+            self.cost_drafter.observe(num_accepted)

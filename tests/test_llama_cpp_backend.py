@@ -1,0 +1,87 @@
+"""The llama.cpp backend on the real embedded GGUF (Gemma 3 270M Q4_K_M).
+
+Tolerance: llama.cpp's batched (verify) and single-token kernels round differently. Measured
+on this model (2026-11-23): logits of the same position differ by up to 1.44 (max over the
+262k vocabulary) between a batched and a single-token pass, and a k=4 run diverged from plain
+greedy where plain's top-2 logits were 0.088 apart. So greedy speculative output is compared
+with the same backend's plain greedy output, and a divergence is accepted only where plain's
+top-2 logits are within 0.5 (a near-tie at this backend's rounding scale).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec
+from specdec import SamplingParams
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+PROMPTS = [
+    "Document: The Great Barrier Reef is the world's largest coral reef system, composed of over 2,900 individual "
+    "reefs and 900 islands.\nSummary, reusing its words: The Great Barrier Reef is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return specdec.load(backend="llama.cpp", device="cpu")
+
+
+def plain_logits(engine, ids):
+    model = engine.target
+    cache = model.new_cache()
+    model.prefill(torch.tensor(ids[:-1]), cache)
+    return model.forward(torch.tensor(ids[-1:]), cache, 1)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [2, 4, None])
+def test_llama_cpp_speculative_greedy_equals_its_plain_greedy(engine, k):
+    for prompt in PROMPTS:
+        plain = engine.generate(prompt, max_new_tokens=40, num_draft_tokens=0)
+        spec = engine.generate(prompt, max_new_tokens=40, num_draft_tokens=k)
+        if spec.token_ids != plain.token_ids:
+            i = next(j for j, (a, b) in enumerate(zip(spec.token_ids, plain.token_ids)) if a != b)
+            top2 = plain_logits(engine, engine.encode(prompt) + plain.token_ids[:i]).topk(2).values
+            assert float(top2[0] - top2[1]) < 0.5, f"divergence at {i} is not a near-tie"
+
+
+@pytest.mark.slow
+def test_llama_cpp_rewind_matches_fresh_forward(engine):
+    generation = engine.start(PROMPTS[1], SamplingParams(max_new_tokens=24, num_draft_tokens=4))
+    model = engine.target
+    while not generation.finished:
+        generation.step()
+        length = generation.length
+        assert model.cache_length(generation.cache) == length - 1
+        probe = model.forward(generation.tokens[length - 1 : length], generation.cache, 1)
+        fresh = plain_logits(engine, generation.tokens[:length].tolist())
+        # same positions, different batch shapes: within the kernels' rounding (see above)
+        assert float((probe[0] - fresh).abs().max()) < 2.0
+        assert int(probe[0].argmax()) == int(fresh.argmax()) or float(fresh.topk(2).values.diff().abs()) < 0.5
+        model.rewind(generation.cache, length - 1)
+
+
+@pytest.mark.slow
+def test_llama_cpp_sequences_are_independent_and_released(engine):
+    a = engine.start(PROMPTS[0], SamplingParams(max_new_tokens=12, num_draft_tokens=0))
+    b = engine.start(PROMPTS[2], SamplingParams(max_new_tokens=12, num_draft_tokens=0))
+    while not (a.finished and b.finished):  # interleaved steps, as the server's scheduler does
+        for g in (a, b):
+            if not g.finished:
+                g.step()
+    assert a.output().token_ids == engine.generate(PROMPTS[0], max_new_tokens=12, num_draft_tokens=0).token_ids
+    assert b.output().token_ids == engine.generate(PROMPTS[2], max_new_tokens=12, num_draft_tokens=0).token_ids
+    del a, b
+    for _ in range(20):  # more generations than slots: finished sequences give theirs back
+        engine.generate(PROMPTS[1], max_new_tokens=2)
+
+
+def test_llama_cpp_backend_rejects_non_gguf_and_self_draft(tmp_path):
+    with pytest.raises(specdec.SpecDecError, match="GGUF"):
+        specdec.load(target=str(tmp_path), backend="llama.cpp", device="cpu")
+    with pytest.raises(specdec.SpecDecError, match="self-draft"):
+        specdec.load(backend="llama.cpp", drafter="self", device="cpu")
