@@ -91,25 +91,35 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def respond(request: Request, body: protocol._Sampling, prompt_ids: list[int], default_max_tokens: int,
+                      kind: str):
+        """Submit one request and answer it whole or as a stream; `kind` is "completion" or "chat"."""
+        handle = _submit(engine, scheduler, prompt_ids, _sampling_params(body, default_max_tokens))
+        rid = protocol.new_id("cmpl" if kind == "completion" else "chatcmpl")
+        model, drafter = config.model_name, engine.drafter_name
+        metrics_label = metrics.requests.labels(request.url.path, "200")
+        if not body.stream:
+            out = await _collect(handle, request)
+            metrics_label.inc()
+            build = protocol.completion_response if kind == "completion" else protocol.chat_response
+            return build(rid, model, out, drafter)
+        metrics_label.inc()
+
+        def chunk(text: str, finish: str | None, out: GenerationOutput | None) -> dict[str, Any]:
+            stats = out.stats if out else None
+            if kind == "completion":
+                return protocol.completion_chunk(rid, model, text, finish, stats, drafter)
+            return protocol.chat_chunk(rid, model, {"content": text} if text else {}, finish, stats, drafter)
+
+        first = None if kind == "completion" else protocol.chat_chunk(
+            rid, model, {"role": "assistant", "content": ""}, None)
+        return _sse(handle, request, chunk, first=first)
+
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(body.model, config)
         prompt_ids = _completion_prompt(engine, body.prompt)
-        params = _sampling_params(body, protocol.DEFAULT_COMPLETION_MAX_TOKENS)
-        handle = _submit(engine, scheduler, prompt_ids, params)
-        rid = protocol.new_id("cmpl")
-        endpoint = "/v1/completions"
-        if body.stream:
-            metrics.requests.labels(endpoint, "200").inc()
-
-            def chunk(text: str, finish: str | None, out: GenerationOutput | None) -> dict[str, Any]:
-                return protocol.completion_chunk(rid, config.model_name, text, finish,
-                                                 out.stats if out else None, engine.drafter_name)
-
-            return _sse(handle, request, chunk, first=None)
-        out = await _collect(handle, request)
-        metrics.requests.labels(endpoint, "200").inc()
-        return protocol.completion_response(rid, config.model_name, out, engine.drafter_name)
+        return await respond(request, body, prompt_ids, protocol.DEFAULT_COMPLETION_MAX_TOKENS, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatRequest, request: Request):
@@ -118,23 +128,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if not any(m["content"] for m in messages):
             raise InvalidRequestError("messages have no content", "messages")
         prompt_ids = engine.encode_chat(messages)
-        params = _sampling_params(body, protocol.DEFAULT_CHAT_MAX_TOKENS)
-        handle = _submit(engine, scheduler, prompt_ids, params)
-        rid = protocol.new_id("chatcmpl")
-        endpoint = "/v1/chat/completions"
-        if body.stream:
-            metrics.requests.labels(endpoint, "200").inc()
-
-            def chunk(text: str, finish: str | None, out: GenerationOutput | None) -> dict[str, Any]:
-                delta = {"content": text} if text else {}
-                return protocol.chat_chunk(rid, config.model_name, delta, finish, out.stats if out else None,
-                                           engine.drafter_name)
-
-            first = protocol.chat_chunk(rid, config.model_name, {"role": "assistant", "content": ""}, None)
-            return _sse(handle, request, chunk, first=first)
-        out = await _collect(handle, request)
-        metrics.requests.labels(endpoint, "200").inc()
-        return protocol.chat_response(rid, config.model_name, out, engine.drafter_name)
+        return await respond(request, body, prompt_ids, protocol.DEFAULT_CHAT_MAX_TOKENS, "chat")
 
     return app
 
