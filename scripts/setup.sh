@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up specdec in ./.venv on a fresh machine: CPU torch (unless a GPU is present),
-# the package with its test and server extras, and llama-cpp-python from a cached wheel.
+# Set up specdec in ./.venv on a fresh machine: torch pinned (on this project's machines pip
+# takes the local CPU wheel) unless torch is already there, the package with its test, server
+# and bench extras, and llama-cpp-python from a cached wheel (built once if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
