@@ -18,7 +18,7 @@ def test_next_logits_after_rewind_equal_fresh_forward(request, model_name, atol,
     generation = engine.start([1, 5, 9, 5, 9, 5, 9, 33, 7], SamplingParams(max_new_tokens=40, num_draft_tokens=4))
     rejections = 0
     while not generation.finished:
-        step = generation.step()
+        generation.step()
         rejections += generation.stats.provenance[-1] == "target" and generation.stats.drafted_tokens > 0
         length = generation.length
         assert target.cache_length(generation.cache) == length - 1

@@ -6,7 +6,6 @@ enumerable from the target alone; specdec's samples must fit it, and the draft's
 """
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

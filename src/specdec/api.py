@@ -11,7 +11,6 @@ from .errors import SpecDecError
 from .models.loading import load_model, resolve_device, resolve_dtype
 from .models.self_draft import SCHEMES, build_self_draft
 
-log = logging.getLogger("specdec")
 
 
 def load(

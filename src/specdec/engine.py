@@ -1,7 +1,6 @@
 """The user-facing engine: a target, an optional drafter, and a tokenizer, ready to generate."""
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterator, Sequence
 
 from .drafters.base import DrafterFactory
@@ -13,7 +12,6 @@ from .generation import Generation, GenerationOutput
 from .models.base import CausalLM
 from .sampling_params import SamplingParams
 
-log = logging.getLogger("specdec")
 
 # model: a separate draft model; self: a cheaper copy of the target (models/self_draft.py);
 # ngram: prompt lookup; ngram+model / ngram+self: lookup when it matches, the model otherwise.

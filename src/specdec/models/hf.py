@@ -1,7 +1,6 @@
 """`transformers` backend: any Hugging Face causal LM, CPU or GPU."""
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
