@@ -39,12 +39,7 @@ class SpecdecRun:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                 num_draft_tokens=self.num_draft_tokens)
         device = self.engine.target.device
-        _reset_peak(device)
-        _sync(device)
-        started = time.perf_counter()
-        out = self.engine.start(prompt_ids, params).run()
-        _sync(device)
-        elapsed = time.perf_counter() - started
+        elapsed, out = _timed(device, self.engine.start(prompt_ids, params).run)
         s = out.stats
         flops = self._target_flops * (s.prompt_tokens - 1 + s.target_positions) + self._draft_flops * s.draft_positions
         return RunResult(out.token_ids, elapsed, s, flops, _peak_mb(device))
@@ -75,12 +70,7 @@ class HFGenerateRun:
         # the peer runs stock transformers, without specdec's CPU matmul routing
         switched = [m for m in (self.model, self.assistant) if m is not None and set_few_row_matmul(m, False)]
         try:
-            _reset_peak(device)
-            _sync(device)
-            started = time.perf_counter()
-            out = self.model.generate(ids, **kwargs)
-            _sync(device)
-            elapsed = time.perf_counter() - started
+            elapsed, out = _timed(device, lambda: self.model.generate(ids, **kwargs))
         finally:
             for m in switched:
                 set_few_row_matmul(m, True)
@@ -100,6 +90,16 @@ def flops_per_token(model) -> float:
     weights = sum(m.in_features * m.out_features for m in torch_model.modules()
                   if isinstance(m, (nn.Linear, QuantizedLinear)))
     return 2.0 * weights
+
+
+def _timed(device: torch.device, fn):
+    """(seconds, result) of fn(), with device work finished on both sides and peak memory reset."""
+    _reset_peak(device)
+    _sync(device)
+    started = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - started, result
 
 
 def _sync(device: torch.device) -> None:

@@ -117,19 +117,21 @@ def _gguf_tokenizer(gguf_path: Path) -> Any:
             return AutoTokenizer.from_pretrained(converted)
         log.info("first use of %s: converting its tokenizer (about 30 s, once)", gguf_path.name)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=_ensure(directory.parent)))
-        try:
-            tokenizer.save_pretrained(staging)
-            shutil.rmtree(directory, ignore_errors=True)
-            os.replace(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _write_directory(directory, tokenizer.save_pretrained)
     return AutoTokenizer.from_pretrained(directory)
 
 
-def _ensure(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
+def _write_directory(target: Path, write) -> None:
+    """Fill `target` through `write(staging_dir)`, then swap it in whole: an interrupted
+    conversion never leaves a half-written cache entry behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        write(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _cache_key_dir(gguf_path: Path, kind: str) -> Path:
@@ -179,14 +181,7 @@ def _converted_gguf(gguf_path: Path) -> Path:
     if (target / "config.json").exists():
         return target
     log.info("first use of %s: converting GGUF to a cached model directory %s (about a minute, once)", gguf_path.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        _convert(gguf_path, staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _write_directory(target, lambda staging: _convert(gguf_path, staging))
     return target
 
 
