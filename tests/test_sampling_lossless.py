@@ -74,6 +74,21 @@ def test_self_draft_sampling_follows_target_law(pair):
     assert stat < chi2_critical(df, 1e-3)
 
 
+def test_subset_vocabulary_self_draft_sampling_follows_target_law(pair):
+    # The draft's head scores 6 of 16 tokens (plus the prompt's own): q is zero for the rest,
+    # where every sample must come from the residual distribution.
+    from specdec.models.self_draft import build_self_draft
+
+    target, _ = pair
+    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=6, num_draft_tokens=2)
+    ranking = torch.tensor([0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15])
+    draft = build_self_draft(target, "bfloat16", draft_vocab=6, token_ranking=ranking)
+    engine = Engine(target, drafter="self", draft_model=draft)
+    counts = sample_counts(engine, params, 2000, seed0=900)
+    stat, df = chi2_statistic(counts, exact_two_token_law(target, params))
+    assert stat < chi2_critical(df, 1e-3)
+
+
 def test_ngram_drafter_sampling_follows_target_law(pair):
     target, _ = pair
     params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, num_draft_tokens=2)

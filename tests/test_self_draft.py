@@ -31,7 +31,7 @@ def test_self_draft_agrees_with_target_and_shares_its_embedding(target_llama, bf
     out = Engine(target_llama, drafter="self", draft_model=bf16_self_draft).generate(PROMPTS[0], max_new_tokens=60,
                                                                                       num_draft_tokens=4)
     assert out.stats.acceptance_rate > 0.8
-    assert bf16_self_draft.model.get_input_embeddings().weight is target_llama.model.get_input_embeddings().weight
+    assert bf16_self_draft.embedding is target_llama.model.get_input_embeddings()
     # the target's own layers are untouched
     assert target_llama.model.lm_head.weight.dtype == torch.float64
 
@@ -64,8 +64,33 @@ def test_self_drafter_from_api_and_cli(tiny_model_dir):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_transformers_clone_self_draft_is_exact_and_shares_the_embedding(target_gemma):
+    # Where the compact decoder does not apply (here: forced), the self-draft is a transformers
+    # clone with its own subset head.
+    from specdec.models import self_draft
+
+    ranking = torch.randperm(target_gemma.vocab_size, generator=torch.Generator().manual_seed(2))
+    draft = self_draft._clone_self_draft(target_gemma, "bfloat16", 64, ranking)
+    assert draft.output_token_ids.shape == (64,) and draft.vocab_size == target_gemma.vocab_size
+    assert draft.model.get_input_embeddings().weight is target_gemma.model.get_input_embeddings().weight
+    engine = Engine(target_gemma, drafter="self", draft_model=draft)
+    for prompt in PROMPTS[:4]:
+        assert run(engine, prompt, 30, 3).token_ids == reference_greedy(target_gemma, prompt, 30), prompt
+
+
+def test_self_draft_vocabulary_comes_from_a_cached_corpus_ranking(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
+    engine = specdec.load(target=str(tiny_model_dir), drafter="self", draft_vocab=100, device="cpu")
+    assert engine.draft_model.output_token_ids.shape == (100,)
+    assert len(list((tmp_path / "token-rankings").glob("*.json"))) == 1
+    plain = engine.generate("the quick brown fox", max_new_tokens=20, num_draft_tokens=0)
+    assert engine.generate("the quick brown fox", max_new_tokens=20).token_ids == plain.token_ids
+
+
 def test_self_drafter_rejects_a_named_draft_and_bad_precision(tiny_model_dir, tiny_draft_dir):
     with pytest.raises(specdec.SpecDecError, match="does not use one"):
         specdec.load(target=str(tiny_model_dir), draft=str(tiny_draft_dir), drafter="self")
     with pytest.raises(specdec.SpecDecError, match="self-draft precision"):
         specdec.load(target=str(tiny_model_dir), drafter="self", self_draft="int3")
+    with pytest.raises(specdec.SpecDecError, match="draft_vocab"):
+        specdec.load(target=str(tiny_model_dir), drafter="self", draft_vocab=0)

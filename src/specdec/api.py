@@ -9,7 +9,7 @@ import torch
 from .engine import Engine
 from .errors import SpecDecError
 from .models.loading import load_model, resolve_device, resolve_dtype
-from .models.self_draft import SCHEMES, build_self_draft
+from .models.self_draft import DEFAULT_DRAFT_VOCAB, SCHEMES, self_draft_for
 
 
 
@@ -20,11 +20,13 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     self_draft: str = "bfloat16",
+    draft_vocab: int | None = DEFAULT_DRAFT_VOCAB,
     backend: str = "torch",
 ) -> Engine:
     """Load a target (None: the embedded default, Gemma 3 270M) and a drafter.
 
-    drafter: "model" (needs `draft`), "self" (a `self_draft`-precision copy of the target),
+    drafter: "model" (needs `draft`), "self" (a `self_draft`-precision copy of the target
+    whose head scores the `draft_vocab` most frequent tokens; None: all of them),
     "ngram" (prompt lookup), "ngram+model" / "ngram+self" (lookup when it matches, else the
     model), "none" (plain decoding), or None: "model" when a draft is named, else "ngram".
     backend: "torch" (transformers) or "llama.cpp" (GGUF targets on CPU); drafts named by a
@@ -40,13 +42,15 @@ def load(
         raise SpecDecError(f"a draft model was named, but drafter {drafter!r} does not use one")
     if self_draft not in SCHEMES:
         raise SpecDecError(f"unknown self-draft precision {self_draft!r}: choose one of {', '.join(SCHEMES)}")
+    if draft_vocab is not None and (isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int) or draft_vocab < 1):
+        raise SpecDecError(f"draft_vocab must be a positive number of tokens (or None for all), got {draft_vocab!r}")
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     loaded_target = load_model(target, resolved_device, resolved_dtype, backend)
     if drafter in ("self", "ngram+self"):
         if backend != "torch":
             raise SpecDecError("the self-draft is built from a torch model: use --backend torch for it")
-        draft_model = build_self_draft(loaded_target.model, self_draft)
+        draft_model = self_draft_for(loaded_target.model, loaded_target.tokenizer, self_draft, draft_vocab)
     elif draft is not None:
         draft_backend = backend if str(draft).endswith(".gguf") else "torch"
         draft_model = load_model(draft, resolved_device, resolved_dtype, draft_backend).model

@@ -66,7 +66,9 @@ def add_model_args(p: argparse.ArgumentParser, several_drafters: bool = False) -
     else:
         p.add_argument("--drafter", choices=DRAFTERS, help=DRAFTER_HELP)
     p.add_argument("--self-draft", choices=["bfloat16", "int8"], default="bfloat16",
-                   help="precision of the self-draft's linear layers (default: bfloat16)")
+                   help="precision of the self-draft (default: bfloat16)")
+    p.add_argument("--draft-vocab", type=int, default=32768, metavar="N",
+                   help="the self-draft scores only the N most frequent tokens; 0 = all (default: 32768)")
     p.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",
                    help="torch (transformers, CPU/GPU) or llama.cpp (GGUF on CPU; needs llama-cpp-python)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
@@ -97,7 +99,7 @@ def load_engine(args: argparse.Namespace):
     from .api import load
 
     return load(target=args.target, draft=args.draft, drafter=args.drafter, device=args.device, dtype=args.dtype,
-                self_draft=args.self_draft, backend=args.backend)
+                self_draft=args.self_draft, draft_vocab=args.draft_vocab or None, backend=args.backend)
 
 
 def sampling_params(args: argparse.Namespace):

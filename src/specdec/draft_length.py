@@ -1,24 +1,79 @@
-"""How many tokens to draft next: fixed, or adapted to how well recent drafts fared."""
+"""How many tokens to draft next: fixed, or the k that maximises expected tokens per second.
+
+With per-token acceptance a, drafting k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens
+(accepted prefix plus the target's own) for a cost of T_verify(k+1) + k * T_draft. Both
+costs are measured as the generation runs, because they are not constants: on a 2-core CPU
+verifying 6 positions of Gemma 3 270M costs about what 1 does, 11 cost nearly twice that,
+and a self-draft step costs a fifth of a target step while an n-gram lookup costs nothing.
+The policy therefore picks k where the curve is cheap and a is high, and drafts nothing
+(plain decoding, with an occasional 1-token probe to keep measuring a) where it cannot pay.
+"""
 from __future__ import annotations
+
+MAX_DRAFT_TOKENS = 12
+INITIAL_DRAFT_TOKENS = 4  # until the first costs are measured
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 4.0  # pseudo-observations behind the acceptance estimate
+DECAY = 0.9  # per step: recent drafts count more (text changes character as it goes)
+PROBE_EVERY = 8  # steps between 1-token probes while speculation is off
 
 
 class DraftLengthPolicy:
-    """Adaptive k (the heuristic of HF's assisted generation): +2 after a fully accepted
-    draft, -1 after a rejection, within [minimum, maximum]. A fixed k never changes."""
-
-    def __init__(self, fixed: int | None = None, initial: int = 4, minimum: int = 1, maximum: int = 10) -> None:
+    def __init__(self, fixed: int | None = None, maximum: int = MAX_DRAFT_TOKENS) -> None:
         self.fixed = fixed
-        self.minimum, self.maximum = minimum, maximum
-        self._k = fixed if fixed is not None else initial
+        self.maximum = maximum
+        self._accepted = self._tested = 0.0  # decayed counts of draft positions checked
+        self._verify_s: dict[int, float] = {}  # positions verified -> smoothed seconds
+        self._draft_s_per_token: float | None = None
+        self._steps_off = 0
+
+    @property
+    def acceptance(self) -> float:
+        return (self._accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self._tested + PRIOR_WEIGHT)
 
     def next(self, budget: int) -> int:
         """Draft length for the next step, given room for `budget` more draft tokens."""
-        return max(0, min(self._k, budget))
+        limit = max(0, min(self.maximum, budget))
+        if self.fixed is not None:
+            return min(self.fixed, limit)
+        if not self._verify_s:
+            return min(INITIAL_DRAFT_TOKENS, limit)
+        rates = [self.expected_tokens(k) / self.expected_cost(k) for k in range(limit + 1)]
+        best = max(range(limit + 1), key=rates.__getitem__)
+        if best == 0 and limit:
+            self._steps_off += 1
+            if self._steps_off % PROBE_EVERY == 0:
+                return 1
+        return best
 
-    def observe(self, num_drafted: int, num_accepted: int) -> None:
-        if self.fixed is not None or num_drafted == 0:
+    def expected_tokens(self, k: int) -> float:
+        a = min(self.acceptance, 0.999)
+        return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def expected_cost(self, k: int) -> float:
+        return self._verify_cost(k + 1) + k * (self._draft_s_per_token or 0.0)
+
+    def _verify_cost(self, positions: int) -> float:
+        if positions in self._verify_s:
+            return self._verify_s[positions]
+        # Unmeasured: assume the nearest measured smaller count's cost (optimistic, so the
+        # policy tries it once and learns), else the smallest measured.
+        below = [n for n in self._verify_s if n < positions]
+        return self._verify_s[max(below)] if below else min(self._verify_s.values())
+
+    def observe(self, num_drafted: int, num_accepted: int, verify_s: float | None = None,
+                draft_s: float | None = None) -> None:
+        if self.fixed is not None:
             return
-        if num_accepted == num_drafted:
-            self._k = min(self.maximum, self._k + 2)
-        else:
-            self._k = max(self.minimum, self._k - 1)
+        if verify_s is not None:
+            old = self._verify_s.get(num_drafted + 1)
+            self._verify_s[num_drafted + 1] = verify_s if old is None else 0.7 * old + 0.3 * verify_s
+        if num_drafted == 0:
+            return
+        # A draft is checked position by position up to its first rejection.
+        tested = num_accepted + (1 if num_accepted < num_drafted else 0)
+        self._accepted = DECAY * self._accepted + num_accepted
+        self._tested = DECAY * self._tested + tested
+        if draft_s is not None:
+            per_token = draft_s / num_drafted
+            old = self._draft_s_per_token
+            self._draft_s_per_token = per_token if old is None else 0.7 * old + 0.3 * per_token

@@ -135,6 +135,10 @@ def _drafter_factory(name: str, target: CausalLM, draft_model: CausalLM | None) 
 
 
 def check_vocabularies(target: CausalLM, draft: CausalLM) -> None:
+    if getattr(target, "output_token_ids", None) is not None:
+        raise VocabularyMismatchError(
+            f"target {target.name!r} scores only part of its vocabulary: the target must score every token"
+        )
     if target.vocab_size != draft.vocab_size:
         raise VocabularyMismatchError(
             f"draft {draft.name!r} has a vocabulary of {draft.vocab_size} tokens but target {target.name!r} has "

@@ -75,10 +75,13 @@ class Generation:
             raise RuntimeError("generation already finished")
         if self._started is None:
             self._prefill()
+        started = time.perf_counter()
         proposal = self._propose()
+        proposed = time.perf_counter()
         target_logits = self._verify(proposal)
+        verified = time.perf_counter()
         verdict = self._accept(target_logits, proposal)
-        self._commit(proposal, verdict)
+        self._commit(proposal, verdict, draft_s=proposed - started, verify_s=verified - proposed)
         return self._emit(proposal, verdict)
 
     def _prefill(self) -> None:
@@ -106,13 +109,16 @@ class Generation:
         draft_probs = proposal.probs.to(target_logits.device) if proposal.probs is not None else None
         return verify_sampled(target_probs, draft_tokens, draft_probs, self.generator)
 
-    def _commit(self, proposal: DraftProposal, verdict: Verdict) -> None:
+    def _commit(self, proposal: DraftProposal, verdict: Verdict, draft_s: float, verify_s: float) -> None:
         # The cache now holds [.., last, d1..dk]; keep [.., last, d1..dn].
         self.target.rewind(self.cache, self.length + verdict.num_accepted)
         num_drafted = proposal.tokens.shape[0]
         if self.drafter is not None and num_drafted:
             self.drafter.observe(verdict.num_accepted)
-        self.policy.observe(num_drafted, verdict.num_accepted)
+        # A draft model's first proposal also reads the whole prompt: not a per-token cost.
+        catching_up = proposal.positions > 2 * max(num_drafted, 1)
+        self.policy.observe(num_drafted, verdict.num_accepted, verify_s=verify_s,
+                            draft_s=None if catching_up else draft_s)
         self.stats.record_step(num_drafted, verdict.num_accepted, proposal.forward_passes, proposal.positions)
 
     def _emit(self, proposal: DraftProposal, verdict: Verdict) -> StepOutput:

@@ -36,7 +36,7 @@ def add_bench_parser(sub) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from ..api import load
-    from ..models.self_draft import build_self_draft
+    from ..models.self_draft import self_draft_for
     from .report import terminal_table, write_report
     from .runner import BASELINE, run_benchmark, summarize
     from .runs import HFGenerateRun, SpecdecRun
@@ -49,7 +49,9 @@ def _bench(args: argparse.Namespace) -> int:
     drafters = _parse_drafters(args.drafter, args.draft)
     engine = load(target=args.target, draft=args.draft, drafter="model" if args.draft else "ngram",
                   device=args.device, dtype=args.dtype, backend=args.backend)
-    self_draft = build_self_draft(engine.target, args.self_draft) if any("self" in d for d in drafters) else None
+    self_draft = None
+    if any("self" in d for d in drafters):
+        self_draft = self_draft_for(engine.target, engine.tokenizer, args.self_draft, args.draft_vocab or None)
 
     runs = [SpecdecRun(BASELINE, engine.with_drafter("none"), 0, kind="baseline")]
     for drafter in drafters:

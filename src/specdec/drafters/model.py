@@ -1,4 +1,9 @@
-"""A smaller causal LM sharing the target's vocabulary drafts k tokens autoregressively."""
+"""A smaller causal LM sharing the target's vocabulary drafts k tokens autoregressively.
+
+The draft's head may score only a subset of the vocabulary (model.output_token_ids): picks
+are mapped back to token ids, and its distribution is spread over the full vocabulary with
+zeros elsewhere, which is what the rejection rule needs as q.
+"""
 from __future__ import annotations
 
 import torch
@@ -15,10 +20,17 @@ class ModelDrafter:
         self.cache = model.new_cache()
         self._context_length = 0
         self._drafts_in_cache = 0
+        # Drafts with a subset head may extend it per sequence with the context's own tokens.
+        self._covers_context = hasattr(model, "cover_context")
 
     def propose(
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> DraftProposal:
+        if self._covers_context:
+            self.model.cover_context(self.cache, context)
+            self._token_ids = self.model.column_token_ids(self.cache)
+        else:
+            self._token_ids = self.model.output_token_ids  # logits column -> token id, or None
         # The cache holds an accepted prefix of `context` (observe() rewound it); feed the rest.
         new_tokens = context[self.model.cache_length(self.cache) :]
         logits = self.model.forward(new_tokens, self.cache, num_logits=1)  # [1, vocab]
@@ -27,6 +39,8 @@ class ModelDrafter:
             if i:
                 logits = self.model.forward(tokens[-1], self.cache, num_logits=1)
             token, token_probs = self._pick(logits, params, generator)
+            if self._token_ids is not None:
+                token, token_probs = self._to_vocabulary(token, token_probs)
             tokens.append(token)
             probs.append(token_probs)
         self._context_length = context.shape[0]
@@ -41,6 +55,16 @@ class ModelDrafter:
     def observe(self, num_accepted: int) -> None:
         keep = self._context_length + min(num_accepted, self._drafts_in_cache)
         self.model.rewind(self.cache, keep)
+
+    def _to_vocabulary(
+        self, column: torch.Tensor, column_probs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        token_ids = self._token_ids.to(column.device)
+        if column_probs is None:
+            return token_ids[column], None
+        probs = column_probs.new_zeros(column_probs.shape[0], self.model.vocab_size)
+        probs[:, token_ids] = column_probs
+        return token_ids[column], probs
 
     @staticmethod
     def _pick(

@@ -14,7 +14,10 @@ class CausalLM(Protocol):
     """
 
     name: str
-    vocab_size: int  # size of the logits dimension
+    vocab_size: int  # token ids the model reads and names: [0, vocab_size)
+    # None: logits cover the whole vocabulary. Else the token id of each logits column, for
+    # drafts whose head scores only a subset (the rest have draft probability zero).
+    output_token_ids: torch.Tensor | None
     max_context: int  # positions the model can attend over
     device: torch.device
     eos_token_ids: frozenset[int]
@@ -25,7 +28,8 @@ class CausalLM(Protocol):
         """Write [n] tokens into the cache; no logits are needed."""
 
     def forward(self, token_ids: torch.Tensor, cache: Any, num_logits: int) -> torch.Tensor:
-        """Feed [n] new tokens; return float logits [num_logits, vocab] for the last num_logits positions."""
+        """Feed [n] new tokens; return float logits [num_logits, columns] for the last num_logits
+        positions (columns: vocab_size, or len(output_token_ids))."""
 
     def cache_length(self, cache: Any) -> int: ...
 

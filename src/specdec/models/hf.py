@@ -14,13 +14,26 @@ PREFILL_CHUNK = 2048
 class HFCausalLM:
     """Wraps a `transformers` causal LM behind the `CausalLM` interface."""
 
-    def __init__(self, model: PreTrainedModel, name: str, eos_token_ids: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        name: str,
+        eos_token_ids: set[int] | None = None,
+        output_token_ids: torch.Tensor | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        """output_token_ids: for a head over a subset of the vocabulary, the token id of each
+        logits column (then `vocab_size`, the full vocabulary, must be given too)."""
         self.model = model.eval()
         self.name = name
         text_config = model.config.get_text_config()
         self._config = text_config
         head = model.get_output_embeddings()
-        self.vocab_size = int(getattr(head, "out_features", None) or head.weight.shape[0])
+        head_size = int(getattr(head, "out_features", None) or head.weight.shape[0])
+        if output_token_ids is not None and (vocab_size is None or output_token_ids.shape[0] != head_size):
+            raise ValueError("a subset head needs one token id per logits column and the full vocabulary size")
+        self.vocab_size = int(vocab_size or head_size)
+        self.output_token_ids = output_token_ids
         self.max_context = int(getattr(text_config, "max_position_embeddings", None) or 1 << 20)
         embedding = model.get_input_embeddings().weight  # a float tensor even in quantized clones
         self.device, self.dtype = embedding.device, embedding.dtype

@@ -69,6 +69,7 @@ class LlamaCppCausalLM:
         self._n_batch = n_batch
         vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        self.output_token_ids = None
         self.max_context = min(n_ctx, int(self._model.n_ctx_train()))
         self.device = torch.device("cpu")
         self.dtype = torch.float32

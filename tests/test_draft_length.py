@@ -1,0 +1,62 @@
+"""The k policy drafts where it pays, by the measured costs, and turns speculation off where it cannot."""
+from __future__ import annotations
+
+import pytest
+
+from specdec.draft_length import INITIAL_DRAFT_TOKENS, PROBE_EVERY, DraftLengthPolicy
+
+# Measured shape on the project's 2-core CPU (Gemma 3 270M): flat to 6 positions, then rising.
+VERIFY_S = {1: 0.125, 2: 0.102, 3: 0.117, 4: 0.122, 5: 0.113, 6: 0.126, 7: 0.154, 8: 0.142, 9: 0.168,
+            10: 0.175, 11: 0.218, 12: 0.235, 13: 0.287}
+
+
+def _trained(acceptance_pattern: list[tuple[int, int]], draft_s_per_token: float) -> DraftLengthPolicy:
+    policy = DraftLengthPolicy()
+    for positions, seconds in VERIFY_S.items():
+        policy.observe(positions - 1, 0, verify_s=seconds)  # teach the verify curve (no drafts)
+    for drafted, accepted in acceptance_pattern:
+        policy.observe(drafted, accepted, verify_s=VERIFY_S[drafted + 1], draft_s=drafted * draft_s_per_token)
+    return policy
+
+
+def _best_by_brute_force(policy: DraftLengthPolicy, limit: int) -> int:
+    return max(range(limit + 1), key=lambda k: policy.expected_tokens(k) / policy.expected_cost(k))
+
+
+def test_starts_at_the_initial_length_and_respects_the_budget():
+    policy = DraftLengthPolicy()
+    assert policy.next(budget=100) == INITIAL_DRAFT_TOKENS
+    assert policy.next(budget=2) == 2
+    assert policy.next(budget=0) == 0
+
+
+def test_fixed_length_never_changes():
+    policy = DraftLengthPolicy(fixed=3)
+    policy.observe(3, 0, verify_s=1.0, draft_s=1.0)
+    assert policy.next(budget=10) == 3 and policy.next(budget=1) == 1
+
+
+def test_high_acceptance_and_free_drafts_stay_where_verifying_is_cheap():
+    policy = _trained([(4, 4)] * 20, draft_s_per_token=0.0)
+    k = policy.next(budget=100)
+    assert k == _best_by_brute_force(policy, 12)
+    assert 5 <= k <= 9  # past 9 the verify curve makes more drafts a loss even at ~97 % acceptance
+
+
+def test_costly_draft_with_low_acceptance_turns_speculation_off_but_keeps_probing():
+    policy = _trained([(4, 0)] * 20, draft_s_per_token=0.12)
+    picks = [policy.next(budget=100) for _ in range(PROBE_EVERY * 2)]
+    assert picks.count(0) == len(picks) - 2 and picks.count(1) == 2
+
+
+def test_acceptance_counts_positions_up_to_the_first_rejection():
+    policy = DraftLengthPolicy()
+    for _ in range(200):
+        policy.observe(4, 2)  # two accepted, the third rejected, the fourth never checked
+    assert policy.acceptance == pytest.approx(2 / 3, abs=0.01)
+
+
+def test_cheap_draft_raises_k_against_an_expensive_one():
+    cheap = _trained([(6, 5)] * 20, draft_s_per_token=0.005).next(budget=100)
+    costly = _trained([(6, 5)] * 20, draft_s_per_token=0.06).next(budget=100)
+    assert cheap > costly >= 1
