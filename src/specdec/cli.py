@@ -173,7 +173,8 @@ def _models(args: argparse.Namespace) -> int:
 
     for name, entry in REGISTRY.items():
         default = " (default)" if name == DEFAULT_TARGET else ""
-        print(f"{name}{default}\t~{entry.approx_size_mb} MB\t{entry.description}")
+        present = "present" if entry.present() else f"not installed ({entry.install_hint})"
+        print(f"{name}{default}\t~{entry.approx_size_mb} MB\t{present}\t{entry.description}")
     return 0
 
 

@@ -31,6 +31,16 @@ def available() -> bool:
     return True
 
 
+def _quiet_llama_logs() -> None:
+    # llama.cpp logs every graph node at load; the low-level API does not set the level the
+    # high-level `Llama(verbose=False)` does, so do it here: errors only.
+    try:
+        from llama_cpp._logger import set_verbose
+    except ImportError:  # pragma: no cover - other llama-cpp-python layouts
+        return
+    set_verbose(False)
+
+
 @dataclass
 class SequenceSlot:
     """A sequence's place in the shared llama.cpp KV cache."""
@@ -46,6 +56,7 @@ class LlamaCppCausalLM:
         from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel
 
         self._lib = llama_cpp
+        _quiet_llama_logs()
         llama_cpp.llama_backend_init()
         path = Path(path)
         self.name = name or path.name
