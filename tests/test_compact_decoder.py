@@ -86,3 +86,13 @@ def test_subset_vocabulary_self_draft_is_exact(target_gemma, k):
         assert out.token_ids == reference_greedy(target_gemma, prompt, 30), prompt
         accepted += out.stats.accepted_tokens
     assert accepted > 0  # the subset draft does propose what the target picks
+
+
+def test_compute_estimate_counts_the_same_weights_as_for_transformers_models():
+    from specdec.bench.runs import flops_per_token
+
+    reference, compact = _pair("llama")
+    assert flops_per_token(compact) == flops_per_token(reference) > 0
+    subset = CompactDecoder(reference.model, "s", torch.float32, set(), reference.vocab_size, torch.arange(10))
+    head = reference.model.get_output_embeddings().weight
+    assert flops_per_token(reference) - flops_per_token(subset) == 2.0 * (head.shape[0] - 10) * head.shape[1]

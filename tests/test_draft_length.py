@@ -60,3 +60,14 @@ def test_cheap_draft_raises_k_against_an_expensive_one():
     cheap = _trained([(6, 5)] * 20, draft_s_per_token=0.005).next(budget=100)
     costly = _trained([(6, 5)] * 20, draft_s_per_token=0.06).next(budget=100)
     assert cheap > costly >= 1
+
+
+def test_timing_free_policy_ignores_timings_so_seeded_samples_repeat():
+    a, b = DraftLengthPolicy(timing_free_draft_cost=0.2), DraftLengthPolicy(timing_free_draft_cost=0.2)
+    picks_a, picks_b = [], []
+    for (policy, picks, slow) in ((a, picks_a, 1.0), (b, picks_b, 50.0)):
+        for accepted in (3, 4, 1, 4, 4, 0, 2):
+            k = policy.next(budget=100)
+            picks.append(k)
+            policy.observe(k, min(accepted, k), verify_s=slow * (k + 1), draft_s=slow * k)
+    assert picks_a == picks_b and max(picks_a) > 0

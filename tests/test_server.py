@@ -41,7 +41,9 @@ def test_completion_stream_equals_non_stream_and_reports_usage_and_speculative(c
         assert "".join(c.choices[0].text for c in chunks) == text
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
         assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
-        assert chunks[-1].model_extra["speculative"]["drafted_tokens"] == spec["drafted_tokens"]
+        # k follows measured step times, so the draft schedule (not the text) may differ per run
+        streamed = chunks[-1].model_extra["speculative"]
+        assert 0 <= streamed["accepted_tokens"] <= streamed["drafted_tokens"]
 
 
 def test_chat_completion_stream_and_non_stream(client):

@@ -7,6 +7,11 @@ verifying 6 positions of Gemma 3 270M costs about what 1 does, 11 cost nearly tw
 and a self-draft step costs a fifth of a target step while an n-gram lookup costs nothing.
 The policy therefore picks k where the curve is cheap and a is high, and drafts nothing
 (plain decoding, with an occasional 1-token probe to keep measuring a) where it cannot pay.
+
+Seeded sampling must reproduce its sample, and k decides which random draws are made, so
+there the policy uses fixed costs instead of timings (`timing_free_draft_cost`: a draft
+token's cost relative to a verify pass, from estimated compute) and k depends only on the
+accepted tokens, which the seed determines.
 """
 from __future__ import annotations
 
@@ -18,13 +23,17 @@ PROBE_EVERY = 8  # steps between 1-token probes while speculation is off
 
 
 class DraftLengthPolicy:
-    def __init__(self, fixed: int | None = None, maximum: int = MAX_DRAFT_TOKENS) -> None:
+    def __init__(self, fixed: int | None = None, maximum: int = MAX_DRAFT_TOKENS,
+                 timing_free_draft_cost: float | None = None) -> None:
         self.fixed = fixed
         self.maximum = maximum
+        self._timing_free = timing_free_draft_cost is not None
         self._accepted = self._tested = 0.0  # decayed counts of draft positions checked
         self._verify_s: dict[int, float] = {}  # positions verified -> smoothed seconds
-        self._draft_s_per_token: float | None = None
+        self._draft_s_per_token: float | None = timing_free_draft_cost
         self._steps_off = 0
+        if self._timing_free:
+            self._verify_s = {1: 1.0}  # every verify costs one unit
 
     @property
     def acceptance(self) -> float:
@@ -64,6 +73,8 @@ class DraftLengthPolicy:
                 draft_s: float | None = None) -> None:
         if self.fixed is not None:
             return
+        if self._timing_free:
+            verify_s = draft_s = None
         if verify_s is not None:
             old = self._verify_s.get(num_drafted + 1)
             self._verify_s[num_drafted + 1] = verify_s if old is None else 0.7 * old + 0.3 * verify_s

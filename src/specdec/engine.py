@@ -10,6 +10,7 @@ from .drafters.ngram import NGramDrafter
 from .errors import InvalidRequestError, SpecDecError, VocabularyMismatchError
 from .generation import Generation, GenerationOutput
 from .models.base import CausalLM
+from .models.flops import flops_per_token
 from .sampling_params import SamplingParams
 
 
@@ -34,6 +35,7 @@ class Engine:
         self.draft_model = draft_model
         self.drafter_name = drafter
         self._drafter_factory = _drafter_factory(drafter, target, draft_model)
+        self._draft_cost: float | None = None
 
     def with_drafter(self, drafter: str, draft_model: CausalLM | None = None) -> "Engine":
         """Same target and tokenizer, another drafter (weights are shared, not copied)."""
@@ -47,7 +49,7 @@ class Engine:
             raise InvalidRequestError("stop strings need a tokenizer, and this model has none", "stop")
         self._check_length(len(prompt_ids), params.max_new_tokens)
         drafter = self._drafter_factory() if self._drafter_factory and params.num_draft_tokens != 0 else None
-        return Generation(self.target, drafter, prompt_ids, params, self.tokenizer)
+        return Generation(self.target, drafter, prompt_ids, params, self.tokenizer, self._relative_draft_cost())
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, num_draft_tokens: int | None = None,
@@ -65,6 +67,14 @@ class Engine:
             text = generation.step().text
             if text:
                 yield text
+
+    def _relative_draft_cost(self) -> float:
+        if self.draft_model is None or not self.drafter_name.endswith(("model", "self")):
+            return 0.0
+        if self._draft_cost is None:
+            target_flops = flops_per_token(self.target)
+            self._draft_cost = flops_per_token(self.draft_model) / target_flops if target_flops else 0.0
+        return self._draft_cost
 
     # ---- prompts ---------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

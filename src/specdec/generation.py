@@ -53,11 +53,16 @@ class Generation:
         prompt_ids: list[int],
         params: SamplingParams,
         tokenizer: Any | None,
+        relative_draft_cost: float = 0.0,
     ) -> None:
+        """relative_draft_cost: a draft token's estimated compute over a target pass's, used
+        for k instead of timings when a seeded sample must be reproducible."""
         self.target = target
         self.drafter = drafter
         self.params = params
-        self.policy = DraftLengthPolicy(fixed=params.num_draft_tokens)
+        reproducible = params.seed is not None and not params.greedy
+        self.policy = DraftLengthPolicy(fixed=params.num_draft_tokens,
+                                        timing_free_draft_cost=relative_draft_cost if reproducible else None)
         self.max_length = min(len(prompt_ids) + params.max_new_tokens, target.max_context)
         self.tokens = torch.empty(self.max_length, dtype=torch.long)  # prompt + output, preallocated
         self.tokens[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)

@@ -9,6 +9,7 @@ import torch
 
 from ..engine import Engine
 from ..models.cpu_matmul import set_few_row_matmul
+from ..models.flops import flops_per_token
 from ..sampling_params import SamplingParams
 from ..stats import GenerationStats
 
@@ -75,21 +76,6 @@ class HFGenerateRun:
             for m in switched:
                 set_few_row_matmul(m, True)
         return RunResult(out[0, len(prompt_ids):].tolist(), elapsed, None, None, _peak_mb(device))
-
-
-def flops_per_token(model) -> float:
-    """~2 FLOPs per weight of every linear layer (the output head included, even when tied to
-    the input embedding, which is a lookup). Attention-score FLOPs are left out: small at
-    these lengths. Quantized or reduced-precision linears count by their shapes."""
-    from torch import nn
-    from torch.ao.nn.quantized import Linear as QuantizedLinear
-
-    torch_model = getattr(model, "model", None)
-    if torch_model is None:
-        return 0.0
-    weights = sum(m.in_features * m.out_features for m in torch_model.modules()
-                  if isinstance(m, (nn.Linear, QuantizedLinear)))
-    return 2.0 * weights
 
 
 def _timed(device: torch.device, fn):

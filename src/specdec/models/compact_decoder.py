@@ -145,6 +145,11 @@ class CompactDecoder:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
+    def flops_per_token(self) -> float:
+        """~2 FLOPs per weight read for one position (the bench's compute estimate)."""
+        weights = sum(m.numel() for layer in self._layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return 2.0 * (weights + self._head.numel())
+
     # ---- subset heads ---------------------------------------------------------------------
     def column_token_ids(self, cache: CompactCache) -> torch.Tensor | None:
         """The token id of each logits column for this sequence (None: the whole vocabulary)."""
