@@ -71,3 +71,13 @@ def test_timing_free_policy_ignores_timings_so_seeded_samples_repeat():
             picks.append(k)
             policy.observe(k, min(accepted, k), verify_s=slow * (k + 1), draft_s=slow * k)
     assert picks_a == picks_b and max(picks_a) > 0
+
+
+def test_bursty_acceptance_drafts_long_inside_a_copied_span_and_short_outside():
+    # Lookup-like history: runs of fully accepted drafts (copying) and runs of rejections.
+    pattern = ([(4, 4)] * 6 + [(4, 0)] * 6) * 4
+    policy = _trained(pattern, draft_s_per_token=0.0)
+    after_reject = policy.next(budget=100)
+    policy.observe(4, 4, verify_s=VERIFY_S[5])
+    after_full_accept = policy.next(budget=100)
+    assert after_full_accept >= 5 > after_reject

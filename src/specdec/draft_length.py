@@ -8,6 +8,10 @@ and a self-draft step costs a fifth of a target step while an n-gram lookup cost
 The policy therefore picks k where the curve is cheap and a is high, and drafts nothing
 (plain decoding, with an occasional 1-token probe to keep measuring a) where it cannot pay.
 
+Acceptance is bursty: a lookup that copies a passage keeps being right until the passage
+ends, and is mostly wrong elsewhere. So a is estimated separately after a fully accepted
+draft and after a rejection; one accepted probe switches the policy to the first estimate.
+
 Seeded sampling must reproduce its sample, and k decides which random draws are made, so
 there the policy uses fixed costs instead of timings (`timing_free_draft_cost`: a draft
 token's cost relative to a verify pass, from estimated compute) and k depends only on the
@@ -28,7 +32,10 @@ class DraftLengthPolicy:
         self.fixed = fixed
         self.maximum = maximum
         self._timing_free = timing_free_draft_cost is not None
-        self._accepted = self._tested = 0.0  # decayed counts of draft positions checked
+        # Decayed counts of draft positions checked, after a full accept [True] or not [False].
+        self._accepted = {True: 0.0, False: 0.0}
+        self._tested = {True: 0.0, False: 0.0}
+        self._last_fully_accepted = False
         self._verify_s: dict[int, float] = {}  # positions verified -> smoothed seconds
         self._draft_s_per_token: float | None = timing_free_draft_cost
         self._steps_off = 0
@@ -37,7 +44,9 @@ class DraftLengthPolicy:
 
     @property
     def acceptance(self) -> float:
-        return (self._accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self._tested + PRIOR_WEIGHT)
+        """Estimated per-token acceptance for the next draft, given how the last one fared."""
+        state = self._last_fully_accepted
+        return (self._accepted[state] + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self._tested[state] + PRIOR_WEIGHT)
 
     def next(self, budget: int) -> int:
         """Draft length for the next step, given room for `budget` more draft tokens."""
@@ -82,8 +91,10 @@ class DraftLengthPolicy:
             return
         # A draft is checked position by position up to its first rejection.
         tested = num_accepted + (1 if num_accepted < num_drafted else 0)
-        self._accepted = DECAY * self._accepted + num_accepted
-        self._tested = DECAY * self._tested + tested
+        state = self._last_fully_accepted
+        self._accepted[state] = DECAY * self._accepted[state] + num_accepted
+        self._tested[state] = DECAY * self._tested[state] + tested
+        self._last_fully_accepted = num_accepted == num_drafted
         if draft_s is not None:
             per_token = draft_s / num_drafted
             old = self._draft_s_per_token
