@@ -16,11 +16,12 @@ PROMPTS = [
 
 
 @pytest.mark.slow
-def test_default_model_ngram_greedy_equals_transformers_greedy():
+def test_default_model_greedy_equals_transformers_greedy_with_each_drafter():
     engine = specdec.load(device="cpu")
-    assert engine.drafter_name == "ngram" and engine.target.vocab_size == 262144
+    # the default drafter on CPU: lookup, else the subset-vocabulary self-draft
+    assert engine.drafter_name == "ngram+self" and engine.target.vocab_size == 262144
+    assert engine.draft_model.output_token_ids.shape == (32768,)
     for prompt in PROMPTS:
-        ours = engine.generate(prompt, max_new_tokens=32)
         ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
         set_few_row_matmul(engine.target.model, False)  # the reference is stock transformers
         try:
@@ -28,5 +29,7 @@ def test_default_model_ngram_greedy_equals_transformers_greedy():
                 ref = engine.target.model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
         finally:
             set_few_row_matmul(engine.target.model, True)
-        assert ours.token_ids == ref, prompt
-        assert ours.stats.target_forward_passes <= 32
+        for drafter in ("ngram+self", "ngram", "self"):
+            ours = engine.with_drafter(drafter).generate(prompt, max_new_tokens=32)
+            assert ours.token_ids == ref, (prompt, drafter)
+            assert ours.stats.target_forward_passes <= 32

@@ -28,13 +28,17 @@ def load(
     drafter: "model" (needs `draft`), "self" (a `self_draft`-precision copy of the target
     whose head scores the `draft_vocab` most frequent tokens; None: all of them),
     "ngram" (prompt lookup), "ngram+model" / "ngram+self" (lookup when it matches, else the
-    model), "none" (plain decoding), or None: "model" when a draft is named, else "ngram".
+    model), "none" (plain decoding), or None: "model" when a draft is named, else "ngram+self"
+    for torch targets on CPU (it beat "ngram" in the project's benchmark: docs/benchmarks) and
+    "ngram" elsewhere (on llama.cpp there is no self-draft; on GPU a bf16 copy costs what the
+    target costs).
     backend: "torch" (transformers) or "llama.cpp" (GGUF targets on CPU); drafts named by a
     GGUF path load on the same backend as the target, others on torch.
     """
     _ensure_log_handler()
+    resolved_device = resolve_device(device)
     if drafter is None:
-        drafter = "model" if draft is not None else "ngram"
+        drafter = default_drafter(draft is not None, backend, resolved_device)
     uses_draft = drafter in ("model", "ngram+model")
     if uses_draft and draft is None:
         raise SpecDecError(f"drafter {drafter!r} needs a draft model (draft=... / --draft)")
@@ -44,7 +48,6 @@ def load(
         raise SpecDecError(f"unknown self-draft precision {self_draft!r}: choose one of {', '.join(SCHEMES)}")
     if draft_vocab is not None and (isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int) or draft_vocab < 1):
         raise SpecDecError(f"draft_vocab must be a positive number of tokens (or None for all), got {draft_vocab!r}")
-    resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     loaded_target = load_model(target, resolved_device, resolved_dtype, backend)
     if drafter in ("self", "ngram+self"):
@@ -57,6 +60,12 @@ def load(
     else:
         draft_model = None
     return Engine(loaded_target.model, loaded_target.tokenizer, drafter, draft_model)
+
+
+def default_drafter(has_draft_model: bool, backend: str, device: torch.device) -> str:
+    if has_draft_model:
+        return "model"
+    return "ngram+self" if backend == "torch" and device.type == "cpu" else "ngram"
 
 
 def _ensure_log_handler() -> None:

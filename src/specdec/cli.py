@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 DRAFTER_HELP = ("how drafts are made: a draft model, a cheaper copy of the target (self), prompt lookup (ngram), "
-                "lookup else a model (ngram+model, ngram+self), or none (default: model with --draft, else ngram)")
+                "lookup else a model (ngram+model, ngram+self), or none (default: model with --draft, else "
+                "ngram+self on CPU with the torch backend, else ngram)")
 
 
 def add_model_args(p: argparse.ArgumentParser, several_drafters: bool = False) -> None:
