@@ -84,8 +84,8 @@ class Generation:
         proposal = self._propose()
         proposed = time.perf_counter()
         target_logits = self._verify(proposal)
-        verified = time.perf_counter()
         verdict = self._accept(target_logits, proposal)
+        verified = time.perf_counter()  # after accept: its host read waits for the device's work
         self._commit(proposal, verdict, draft_s=proposed - started, verify_s=verified - proposed)
         return self._emit(proposal, verdict)
 

@@ -22,6 +22,7 @@ class ModelDrafter:
         self._drafts_in_cache = 0
         # Drafts with a subset head may extend it per sequence with the context's own tokens.
         self._covers_context = hasattr(model, "cover_context")
+        self._token_ids: torch.Tensor | None = None  # logits column -> token id, this proposal
 
     def propose(
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
@@ -30,7 +31,7 @@ class ModelDrafter:
             self.model.cover_context(self.cache, context)
             self._token_ids = self.model.column_token_ids(self.cache)
         else:
-            self._token_ids = self.model.output_token_ids  # logits column -> token id, or None
+            self._token_ids = self.model.output_token_ids
         # The cache holds an accepted prefix of `context` (observe() rewound it); feed the rest.
         new_tokens = context[self.model.cache_length(self.cache) :]
         logits = self.model.forward(new_tokens, self.cache, num_logits=1)  # [1, vocab]
