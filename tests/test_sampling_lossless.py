@@ -48,6 +48,16 @@ def sample_counts(engine, params, n, seed0) -> torch.Tensor:
     return counts
 
 
+def assert_fits(counts: torch.Tensor, law: torch.Tensor) -> None:
+    stat, df = chi2_statistic(counts, law)
+    assert stat < chi2_critical(df, 1e-3), f"chi2 {stat:.1f} on {df} df"
+
+
+def assert_self_draft_follows_target_law(target, params, draft, seed0: int) -> None:
+    engine = Engine(target, drafter="self", draft_model=draft)
+    assert_fits(sample_counts(engine, params, 2000, seed0=seed0), exact_two_token_law(target, params))
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p,k", [(1.0, 4, 1.0, 3), (0.7, 4, 0.9, 1), (1.3, 4, 1.0, None)])
 def test_sampled_generations_follow_target_law(pair, temperature, top_k, top_p, k):
     target, draft = pair
@@ -55,8 +65,8 @@ def test_sampled_generations_follow_target_law(pair, temperature, top_k, top_p, 
     law = exact_two_token_law(target, params)
     engine = Engine(target, drafter="model", draft_model=draft)
     counts = sample_counts(engine, params, 2500, seed0=1000)
-    stat, df = chi2_statistic(counts, law)
-    assert stat < chi2_critical(df, 1e-3), f"chi2 {stat:.1f} on {df} df"
+    assert_fits(counts, law)
+    df = chi2_statistic(counts, law)[1]
     # power: the draft's own law differs, and the same test with the same n tells them apart
     draft_law = exact_two_token_law(draft, params)
     draft_counts = (draft_law * 2500).round()
@@ -68,10 +78,7 @@ def test_self_draft_sampling_follows_target_law(pair):
 
     target, _ = pair
     params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, num_draft_tokens=2)
-    engine = Engine(target, drafter="self", draft_model=build_self_draft(target, "bfloat16"))
-    counts = sample_counts(engine, params, 2000, seed0=300)
-    stat, df = chi2_statistic(counts, exact_two_token_law(target, params))
-    assert stat < chi2_critical(df, 1e-3)
+    assert_self_draft_follows_target_law(target, params, build_self_draft(target, "bfloat16"), seed0=300)
 
 
 def test_subset_vocabulary_self_draft_sampling_follows_target_law(pair):
@@ -83,10 +90,7 @@ def test_subset_vocabulary_self_draft_sampling_follows_target_law(pair):
     params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=6, num_draft_tokens=2)
     ranking = torch.tensor([0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15])
     draft = build_self_draft(target, "bfloat16", draft_vocab=6, token_ranking=ranking)
-    engine = Engine(target, drafter="self", draft_model=draft)
-    counts = sample_counts(engine, params, 2000, seed0=900)
-    stat, df = chi2_statistic(counts, exact_two_token_law(target, params))
-    assert stat < chi2_critical(df, 1e-3)
+    assert_self_draft_follows_target_law(target, params, draft, seed0=900)
 
 
 def test_ngram_drafter_sampling_follows_target_law(pair):
@@ -101,8 +105,7 @@ def test_ngram_drafter_sampling_follows_target_law(pair):
         counts = sample_counts(engine, params, 2500, seed0=7)
     finally:
         PROMPT = saved
-    stat, df = chi2_statistic(counts, law)
-    assert stat < chi2_critical(df, 1e-3)
+    assert_fits(counts, law)
 
 
 def test_same_seed_gives_same_sample(pair):

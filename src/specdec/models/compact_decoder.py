@@ -58,6 +58,7 @@ class CompactCache:
         # subset lacks (names, rare words of the prompt), so the draft can propose them too.
         self.extra_token_ids = torch.empty(0, dtype=torch.long)
         self.extra_head: torch.Tensor | None = None
+        self.column_token_ids: torch.Tensor | None = None  # subset ids then extra ids, once per change
         self.covered = 0  # context tokens already checked
 
     def reserve(self, length: int) -> None:
@@ -155,9 +156,7 @@ class CompactDecoder:
         """The token id of each logits column for this sequence (None: the whole vocabulary)."""
         if self.output_token_ids is None:
             return None
-        if not cache.extra_token_ids.numel():
-            return self.output_token_ids
-        return torch.cat([self.output_token_ids, cache.extra_token_ids])
+        return self.output_token_ids if cache.column_token_ids is None else cache.column_token_ids
 
     def cover_context(self, cache: CompactCache, context: torch.Tensor) -> None:
         """Give this sequence's head a row for every context token the subset lacks."""
@@ -174,6 +173,7 @@ class CompactDecoder:
         rows = self._full_head[missing.to(self._full_head.device)].to(self.dtype)
         cache.extra_token_ids = torch.cat([cache.extra_token_ids, missing])
         cache.extra_head = rows if cache.extra_head is None else torch.cat([cache.extra_head, rows])
+        cache.column_token_ids = torch.cat([self.output_token_ids, cache.extra_token_ids])
 
     # ---- the decoder -------------------------------------------------------------------------
     def _body(self, token_ids: torch.Tensor, cache: CompactCache) -> torch.Tensor:
