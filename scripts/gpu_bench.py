@@ -1,14 +1,16 @@
 """GPU check-and-time script: one call of the device tool runs it all and writes under $OUT.
 
 1. Exactness on CUDA: tiny models, greedy speculative output == the same path's plain output
-   (n-gram, self-as-draft, random draft; several k).
+   (n-gram, self-as-draft, random draft; several k), on the CUDA-graph path and on eager
+   transformers.
 2. Step costs and end-to-end speed with random-weight Llama-3.1-8B (target) and
    Llama-3.2-1B (draft) shapes in bf16: specdec plain, specdec speculative with synthetic
    acceptance alpha in {0.6, 0.8, 0.9} x k in {2, 4, 6, 8} against the ideal
    S = E[accepted + 1] * T_target / (T_verify(k) + k * T_draft), and transformers' generate()
    plain, static-cache compiled, and assisted with the target as its own assistant.
 
-Usage (device tool): PYTHONPATH=src python3 scripts/gpu_bench.py [--quick]
+Usage (device tool): PYTHONPATH=src python3 scripts/gpu_bench.py [--quick] [--no-compile]
+(run `python3 -m pytest tests/test_graph_decoder.py` first: the graph tests need a GPU)
 """
 from __future__ import annotations
 
@@ -30,9 +32,11 @@ from specdec import Engine, SamplingParams  # noqa: E402
 from specdec.drafters.model import ModelDrafter  # noqa: E402
 from specdec.drafters.synthetic import SyntheticDrafter  # noqa: E402
 from specdec.generation import Generation  # noqa: E402
+from specdec.models.graph_decoder import GraphDecoder, graph_decoder_for  # noqa: E402
 from specdec.models.hf import HFCausalLM  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu-out"))
+HBM_SPEC_BPS = 3.35e12  # H100 SXM datasheet: the issue's floor
 SHAPES = {
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=14336),
@@ -73,20 +77,23 @@ def sync_time(fn):
 
 
 def check_exactness() -> dict:
-    target = HFCausalLM(llama("tiny", 512, 0, torch.float32), "tiny", eos_token_ids=set())
-    same = HFCausalLM(llama("tiny", 512, 0, torch.float32), "same", eos_token_ids=set())
-    other = HFCausalLM(llama("tiny", 512, 1, torch.float32), "other", eos_token_ids=set())
+    """Greedy speculative output == the same path's plain output, on CUDA, for both paths."""
     results = {}
-    prompts = [[1, 5, 9, 5, 9, 5, 9, 33], [1] + list(range(100, 140)), [1, 42]]
-    for name, engine in [("ngram", Engine(target, drafter="ngram")),
-                         ("self-as-draft", Engine(target, drafter="model", draft_model=same)),
-                         ("random-draft", Engine(target, drafter="model", draft_model=other))]:
-        ok = True
-        for k in (1, 4, 8, None):
-            for p in prompts:
-                plain = engine.generate(p, max_new_tokens=48, num_draft_tokens=0).token_ids
-                ok &= engine.generate(p, max_new_tokens=48, num_draft_tokens=k).token_ids == plain
-        results[name] = ok
+    for path in ("graphs", "transformers"):
+        def wrap(seed: int, name: str):
+            model = HFCausalLM(llama("tiny", 512, seed, torch.float32), name, eos_token_ids=set())
+            return graph_decoder_for(model) if path == "graphs" else model
+        target, other = wrap(0, "tiny"), wrap(1, "other")
+        prompts = [[1, 5, 9, 5, 9, 5, 9, 33], [1] + list(range(100, 140)), [1, 42]]
+        for name, engine in [("ngram", Engine(target, drafter="ngram")),
+                             ("self-as-draft", Engine(target, drafter="model", draft_model=target)),
+                             ("random-draft", Engine(target, drafter="model", draft_model=other))]:
+            ok = True
+            for k in (1, 4, 8, None):
+                for p in prompts:
+                    plain = engine.generate(p, max_new_tokens=48, num_draft_tokens=0).token_ids
+                    ok &= engine.generate(p, max_new_tokens=48, num_draft_tokens=k).token_ids == plain
+            results[f"{path}/{name}"] = ok
     return results
 
 
@@ -97,67 +104,88 @@ def timed_generation(target, drafter, prompt, new_tokens, k):
     return elapsed, out
 
 
-def step_costs(model: HFCausalLM, prompt: list[int], ks=(1, 3, 5, 7, 9)) -> dict[int, float]:
+def median_generation(target, make_drafter, prompt, new_tokens, k, repeats: int):
+    runs = [timed_generation(target, make_drafter(), prompt, new_tokens, k) for _ in range(repeats)]
+    runs.sort(key=lambda run: run[0])
+    return runs[len(runs) // 2]
+
+
+def step_costs(model, prompt: list[int], sizes=(1, 2, 3, 5, 7, 9)) -> dict[int, float]:
+    """Median seconds of one forward feeding n tokens after the prompt (graph replays)."""
     cache = model.new_cache()
     model.prefill(torch.tensor(prompt[:-1]), cache)
     base = model.cache_length(cache)
     costs = {}
-    for n in ks:
-        ids = torch.tensor(prompt[-1:] + [7] * (n - 1))
+    for n in sizes:
+        ids = torch.tensor(prompt[-1:] + [7] * (n - 1), device="cuda")
         samples = []
-        for _ in range(7):
+        for _ in range(25):
             t, _ = sync_time(lambda: model.forward(ids, cache, n))
             model.rewind(cache, base)
             samples.append(t)
-        costs[n] = statistics.median(samples[2:])
+        costs[n] = statistics.median(samples[5:])
     return costs
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second: the measured HBM ceiling."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    samples = []
+    for _ in range(10):
+        t, _ = sync_time(lambda: b.copy_(a))
+        samples.append(t)
+    del a, b
+    return 2 * (2 << 30) / statistics.median(samples[2:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer tokens (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="4 layers and fewer tokens (smoke test)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip transformers' compiled static-cache peer")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     import transformers
-    report["transformers"] = transformers.__version__
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "cuda": torch.version.cuda,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    try:
+        import subprocess
+        report["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                          capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
     report["exactness"] = check_exactness()
     print("exactness on cuda:", report["exactness"], flush=True)
+    report["copy_TBps"] = copy_bandwidth() / 1e12
 
     vocab, prompt_len, new_tokens = 128256, 512, (64 if args.quick else 256)
     layers = 4 if args.quick else None
     target_hf = llama("8b", vocab, 0, layers=layers, decisive=True)
     draft_hf = llama("1b", vocab, 1, layers=layers, decisive=True)
-    target, draft = HFCausalLM(target_hf, "8b", eos_token_ids=set()), HFCausalLM(draft_hf, "1b", eos_token_ids=set())
+    capacity = 1024  # prompt + new tokens + the largest verify, rounded up
+    target = graph_decoder_for(HFCausalLM(target_hf, "8b", eos_token_ids=set()), capacity)
+    draft = graph_decoder_for(HFCausalLM(draft_hf, "1b", eos_token_ids=set()), capacity)
+    assert isinstance(target, GraphDecoder) and isinstance(draft, GraphDecoder)
     # bytes read per decode step: every parameter once (the tied table is read as the head)
     weight_bytes = sum(p.numel() * p.element_size() for p in target_hf.parameters())
+    floor_spec_s = weight_bytes / HBM_SPEC_BPS
     torch.manual_seed(0)
     prompt = torch.randint(2, vocab, (prompt_len,)).tolist()
 
-    timed_generation(target, None, prompt, 16, 0)  # warm-up
-    plain_s, plain = timed_generation(target, None, prompt, new_tokens, 0)
+    timed_generation(target, None, prompt, 16, 0)  # warm-up: captures the 1-token graph
+    plain_s, plain = median_generation(target, lambda: None, prompt, new_tokens, 0, args.repeats)
     plain_tps = new_tokens / plain_s
-    report["plain"] = {"tok_s": plain_tps, "step_ms": 1000 * plain_s / new_tokens,
-                       "achieved_GBps": weight_bytes * plain_tps / 1e9, "weight_GB": weight_bytes / 1e9}
-    # where a plain step's time goes: the forward itself vs the loop around it
-    forward_s = [0.0]
-    original = target.forward
-
-    def timed_forward(*args, **kwargs):
-        elapsed, result = sync_time(lambda: original(*args, **kwargs))
-        forward_s[0] += elapsed
-        return result
-
-    target.forward = timed_forward
-    timed_generation(target, None, prompt, 64, 0)
-    target.forward = original
-    report["plain"]["forward_share_of_step"] = forward_s[0] / (64 * report["plain"]["step_ms"] / 1000)
+    step_s = plain_s / new_tokens
+    report["plain"] = {"tok_s": plain_tps, "step_ms": 1000 * step_s, "weight_GB": weight_bytes / 1e9,
+                       "achieved_GBps": weight_bytes / step_s / 1e9,
+                       "of_hbm_floor": floor_spec_s / step_s, "floor_ms": 1000 * floor_spec_s}
     print("plain:", report["plain"], flush=True)
     reference = prompt + plain.token_ids
 
     t_costs = step_costs(target, prompt)
-    d_costs = step_costs(draft, prompt, ks=(1,))
+    d_costs = step_costs(draft, prompt, sizes=(1,))
     report["target_verify_ms"] = {n: 1000 * t for n, t in t_costs.items()}
     report["draft_step_ms"] = 1000 * d_costs[1]
     print("verify ms:", report["target_verify_ms"], "draft step ms:", report["draft_step_ms"], flush=True)
@@ -165,57 +193,63 @@ def main() -> None:
     rows = []
     for alpha in (0.6, 0.8, 0.9):
         for k in (2, 4, 6, 8):
-            drafter = SyntheticDrafter(ModelDrafter(draft), reference, alpha, vocab, seed=k)
-            elapsed, out = timed_generation(target, drafter, prompt, new_tokens, k)
-            # random bf16 weights give near-flat logits, so batched-vs-single rounding can flip
-            # ties: report identity rather than assert it (tiny-model exactness is checked above)
+            make = lambda: SyntheticDrafter(ModelDrafter(draft), reference, alpha, vocab, seed=k)  # noqa: E731
+            timed_generation(target, make(), prompt, 16, k)  # captures the (k+1)-token graph
+            elapsed, out = median_generation(target, make, prompt, new_tokens, k, args.repeats)
             expected_len = sum(alpha ** i for i in range(k + 1))
-            verify = t_costs.get(k + 1) or t_costs[max(t_costs)]
+            verify = t_costs.get(k + 1) or step_costs(target, prompt, sizes=(k + 1,))[k + 1]
             ideal = expected_len * t_costs[1] / (verify + k * d_costs[1])
             speedup = plain_s / elapsed
             rows.append({"alpha": alpha, "k": k, "speedup": speedup, "ideal": ideal, "of_ideal": speedup / ideal,
-                         "acceptance": out.stats.acceptance_rate, "mean_accepted_length": out.stats.mean_accepted_length,
+                         "tok_s": new_tokens / elapsed, "acceptance": out.stats.acceptance_rate,
+                         "mean_accepted_length": out.stats.mean_accepted_length,
                          "identical_to_plain": out.token_ids == plain.token_ids})
             print(rows[-1], flush=True)
     report["speculative"] = rows
 
     peers = {}
+    timed_generation(target, ModelDrafter(target), prompt, 16, 4)
+    t, out = median_generation(target, lambda: ModelDrafter(target), prompt, new_tokens, 4, args.repeats)
+    peers["specdec_self_as_draft_k4_tok_s"] = new_tokens / t
     ids = torch.tensor([prompt], device="cuda")
-    mask = torch.ones_like(ids)
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, attention_mask=mask,
-               pad_token_id=0)
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+               attention_mask=torch.ones_like(ids), pad_token_id=0)
     target_hf.generate(ids, **{**gen, "max_new_tokens": 8, "min_new_tokens": 8})
     t, _ = sync_time(lambda: target_hf.generate(ids, **gen))
     peers["hf_plain_tok_s"] = new_tokens / t
     t, _ = sync_time(lambda: target_hf.generate(ids, assistant_model=target_hf, **gen))
     peers["hf_assisted_self_tok_s"] = new_tokens / t
-    self_drafter = ModelDrafter(target)
-    t, out = timed_generation(target, self_drafter, prompt, new_tokens, 4)
-    peers["specdec_self_as_draft_k4_tok_s"] = new_tokens / t
-    if not os.environ.get("SPECDEC_GPU_BENCH_COMPILE"):
-        report["peers"] = peers
-        print("peers:", peers, flush=True)
-        _finish(report, rows)
-        return
-    try:
-        static = dict(gen, cache_implementation="static")
-        target_hf.generate(ids, **{**static, "max_new_tokens": 8, "min_new_tokens": 8})
-        target_hf.generate(ids, **static)
-        t, _ = sync_time(lambda: target_hf.generate(ids, **static))
-        peers["hf_static_compiled_tok_s"] = new_tokens / t
-    except Exception as exc:  # the compiled path varies across versions; report, don't fail
-        peers["hf_static_compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
     report["peers"] = peers
     print("peers:", peers, flush=True)
-    _finish(report, rows)
+    _write(report)
+    if not args.no_compile:
+        try:
+            static = dict(gen, cache_implementation="static")
+            target_hf.generate(ids, **{**static, "max_new_tokens": 8, "min_new_tokens": 8})  # compiles
+            target_hf.generate(ids, **static)
+            t, _ = sync_time(lambda: target_hf.generate(ids, **static))
+            peers["hf_static_compiled_tok_s"] = new_tokens / t
+        except Exception as exc:  # the compiled path varies across versions; report, don't fail
+            peers["hf_static_compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        print("peers:", peers, flush=True)
+    _write(report)
+    _print_table(report)
 
 
-def _finish(report: dict, rows: list[dict]) -> None:
+def _write(report: dict) -> None:
     (OUT / "gpu_bench.json").write_text(json.dumps(report, indent=2))
-    print("\n| alpha | k | speedup | ideal | of ideal | acceptance |\n|---|---|---|---|---|---|")
-    for r in rows:
+
+
+def _print_table(report: dict) -> None:
+    plain, peers = report["plain"], report["peers"]
+    print(f"\nplain: {plain['tok_s']:.1f} tok/s, {plain['step_ms']:.2f} ms/step, "
+          f"{plain['achieved_GBps']:.0f} GB/s = {plain['of_hbm_floor']:.0%} of the HBM floor")
+    for name, value in peers.items():
+        print(f"{name}: {value if isinstance(value, str) else f'{value:.1f}'}")
+    print("\n| alpha | k | speedup | ideal | of ideal | acceptance | tok/s |\n|---|---|---|---|---|---|---|")
+    for r in report["speculative"]:
         print(f"| {r['alpha']} | {r['k']} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['of_ideal']:.0%} | "
-              f"{r['acceptance']:.0%} |")
+              f"{r['acceptance']:.0%} | {r['tok_s']:.0f} |")
 
 
 if __name__ == "__main__":

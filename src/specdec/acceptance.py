@@ -28,8 +28,9 @@ class Verdict:
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> Verdict:
     """target_logits: [k+1, vocab] at the positions of [last, d1..dk]; draft_tokens: [k]."""
     target_tokens = target_logits.argmax(dim=-1)  # [k+1]
-    num_accepted = _accepted_prefix_length(draft_tokens == target_tokens[:-1])
-    return Verdict(num_accepted, int(target_tokens[num_accepted]))
+    accepted = (draft_tokens == target_tokens[:-1]).to(torch.int32).cumprod(dim=0).sum()
+    num_accepted, next_token = torch.stack([accepted.long(), target_tokens[accepted]]).tolist()  # one host read
+    return Verdict(num_accepted, next_token)
 
 
 def verify_sampled(

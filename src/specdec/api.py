@@ -8,6 +8,7 @@ import torch
 
 from .engine import Engine
 from .errors import SpecDecError
+from .models.graph_decoder import graph_decoder_for
 from .models.loading import load_model, resolve_device, resolve_dtype
 from .models.self_draft import DEFAULT_DRAFT_VOCAB, SCHEMES, self_draft_for
 
@@ -22,6 +23,7 @@ def load(
     self_draft: str = "bfloat16",
     draft_vocab: int | None = DEFAULT_DRAFT_VOCAB,
     backend: str = "torch",
+    cuda_graphs: bool = True,
 ) -> Engine:
     """Load a target (None: the embedded default, Gemma 3 270M) and a drafter.
 
@@ -34,6 +36,8 @@ def load(
     target costs).
     backend: "torch" (transformers) or "llama.cpp" (GGUF targets on CPU); drafts named by a
     GGUF path load on the same backend as the target, others on torch.
+    cuda_graphs: on a GPU, run supported architectures (Llama, Qwen2, Gemma 3) with a static
+    KV cache and CUDA-graph steps (models/graph_decoder.py); False keeps eager transformers.
     """
     _ensure_log_handler()
     resolved_device = resolve_device(device)
@@ -59,7 +63,11 @@ def load(
         draft_model = load_model(draft, resolved_device, resolved_dtype, draft_backend).model
     else:
         draft_model = None
-    return Engine(loaded_target.model, loaded_target.tokenizer, drafter, draft_model)
+    target_model = loaded_target.model
+    if cuda_graphs:
+        target_model = graph_decoder_for(target_model)
+        draft_model = None if draft_model is None else graph_decoder_for(draft_model)
+    return Engine(target_model, loaded_target.tokenizer, drafter, draft_model)
 
 
 def default_drafter(has_draft_model: bool, backend: str, device: torch.device) -> str:

@@ -73,6 +73,8 @@ class Generation:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.finished = False
         self._started: float | None = None
+        adaptive = params.num_draft_tokens is None and drafter is not None and not reproducible
+        self._synchronize = torch.cuda.synchronize if adaptive and target.device.type == "cuda" else None
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> StepOutput:
@@ -82,6 +84,8 @@ class Generation:
             self._prefill()
         started = time.perf_counter()
         proposal = self._propose()
+        if self._synchronize is not None:  # GPU work is asynchronous: the draft's time is its finish
+            self._synchronize()
         proposed = time.perf_counter()
         target_logits = self._verify(proposal)
         verdict = self._accept(target_logits, proposal)
@@ -103,7 +107,9 @@ class Generation:
         return self.drafter.propose(self.tokens[: self.length], k, self.params, self.generator)
 
     def _verify(self, proposal: DraftProposal) -> torch.Tensor:
-        verify_ids = torch.cat([self.tokens[self.length - 1 : self.length], proposal.tokens.cpu()])  # [k+1]
+        # Draft tokens stay where the drafter made them: a GPU draft is not waited for here.
+        device = proposal.tokens.device
+        verify_ids = torch.cat([self.tokens[self.length - 1 : self.length].to(device), proposal.tokens])  # [k+1]
         return self.target.forward(verify_ids, self.cache, num_logits=verify_ids.shape[0])  # [k+1, vocab]
 
     def _accept(self, target_logits: torch.Tensor, proposal: DraftProposal) -> Verdict:

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import SpecDecError
 
 HF_PROMPT_LOOKUP_TOKENS = 10  # transformers' documented typical value
+LLAMA_CPP_LOOKUP_TOKENS = 10  # LlamaPromptLookupDecoding's default
 
 
 def add_bench_parser(sub) -> None:
@@ -28,7 +29,8 @@ def add_bench_parser(sub) -> None:
                    help="K, 'adaptive', or a comma-separated sweep such as 2,4,8,adaptive")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-peers", action="store_true", help="skip transformers' generate() runs")
+    p.add_argument("--no-peers", action="store_true",
+                   help="skip the peers: transformers' generate() (torch), llama-cpp-python's own (llama.cpp)")
     p.add_argument("--out", help="output directory (default: bench-out/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
@@ -36,10 +38,11 @@ def add_bench_parser(sub) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from ..api import load
+    from ..models.graph_decoder import graph_decoder_for
     from ..models.self_draft import self_draft_for
     from .report import terminal_table, write_report
     from .runner import BASELINE, run_benchmark, summarize
-    from .runs import HFGenerateRun, SpecdecRun
+    from .runs import HFGenerateRun, LlamaCppPythonRun, SpecdecRun
     from .workloads import load_workload
 
     ks = _parse_ks(args.num_draft_tokens)
@@ -51,7 +54,8 @@ def _bench(args: argparse.Namespace) -> int:
                   device=args.device, dtype=args.dtype, backend=args.backend)
     self_draft = None
     if any("self" in d for d in drafters):
-        self_draft = self_draft_for(engine.target, engine.tokenizer, args.self_draft, args.draft_vocab or None)
+        self_draft = graph_decoder_for(
+            self_draft_for(engine.target, engine.tokenizer, args.self_draft, args.draft_vocab or None))
 
     runs = [SpecdecRun(BASELINE, engine.with_drafter("none"), 0, kind="baseline")]
     for drafter in drafters:
@@ -66,6 +70,11 @@ def _bench(args: argparse.Namespace) -> int:
             runs.append(HFGenerateRun("hf-prompt-lookup", engine, prompt_lookup_tokens=lookup))
         if args.draft:
             runs.append(HFGenerateRun("hf-assisted", engine, assistant=True))
+    if not args.no_peers and args.backend == "llama.cpp":  # the engine a CPU user would otherwise pick
+        gguf, eos = engine.target.path, engine.target.eos_token_ids
+        runs.append(LlamaCppPythonRun("llama-cpp-python-plain", gguf, eos))
+        if "ngram" in drafters:
+            runs.append(LlamaCppPythonRun("llama-cpp-python-lookup", gguf, eos, lookup_tokens=LLAMA_CPP_LOOKUP_TOKENS))
 
     out_dir = Path(args.out or f"bench-out/{time.strftime('%Y%m%d-%H%M%S')}")
     config = {

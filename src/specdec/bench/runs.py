@@ -1,4 +1,5 @@
-"""The configurations a benchmark compares: specdec (plain and speculative) and transformers' own generate()."""
+"""The configurations a benchmark compares: specdec (plain and speculative), and the peers a
+user would pick instead: transformers' own generate(), and llama-cpp-python's own generation."""
 from __future__ import annotations
 
 import time
@@ -76,6 +77,41 @@ class HFGenerateRun:
             for m in switched:
                 set_few_row_matmul(m, True)
         return RunResult(out[0, len(prompt_ids):].tolist(), elapsed, None, None, _peak_mb(device))
+
+
+class LlamaCppPythonRun:
+    """llama-cpp-python's high-level `Llama.generate()` on the same GGUF: plain, or with its
+    own prompt-lookup speculation (`LlamaPromptLookupDecoding`). Greedy only."""
+
+    def __init__(self, name: str, gguf_path: str, eos_token_ids: frozenset[int], lookup_tokens: int | None = None,
+                 n_ctx: int = 8192) -> None:
+        import os
+
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        self.name, self.kind = name, "peer"
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup_tokens) if lookup_tokens else None
+        threads = os.cpu_count() or 1
+        # swa_full: its lookup path removes rejected cache cells, which a windowed cache cannot
+        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         draft_model=draft, swa_full=True, verbose=False)
+        self.eos = eos_token_ids
+
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> RunResult:
+        if temperature > 0:
+            raise ValueError("the llama-cpp-python peer runs greedy only")
+
+        def generate() -> list[int]:
+            tokens: list[int] = []
+            for token in self.llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+                tokens.append(int(token))
+                if token in self.eos or len(tokens) >= max_new_tokens:
+                    break
+            return tokens
+
+        elapsed, tokens = _timed(torch.device("cpu"), generate)
+        return RunResult(tokens, elapsed, None, None, _peak_mb(torch.device("cpu")))
 
 
 def _timed(device: torch.device, fn):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_matmul import FEW_ROWS, few_row_product
+
 INITIAL_CAPACITY = 512  # cached positions; doubled on demand
 PREFILL_CHUNK = 1024
 
@@ -136,10 +138,13 @@ class CompactDecoder:
         if token_ids.shape[0] > PREFILL_CHUNK:  # a whole prompt: bound the attention scores' memory
             self.prefill(token_ids[:-num_logits], cache)
             token_ids = token_ids[-num_logits:]
-        hidden = self._body(token_ids, cache)[-num_logits:].to(self.dtype)
+        return self._logits(self._body(token_ids, cache)[-num_logits:], cache.extra_head)
+
+    def _logits(self, hidden: torch.Tensor, extra_head: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = hidden.to(self.dtype)
         logits = _linear(hidden, self._head).float()
-        if cache.extra_head is not None:
-            logits = torch.cat([logits, _linear(hidden, cache.extra_head).float()], dim=-1)
+        if extra_head is not None:
+            logits = torch.cat([logits, _linear(hidden, extra_head).float()], dim=-1)
         if self._head_bias is not None:
             logits = logits + self._head_bias
         if self._softcap is not None:
@@ -204,14 +209,7 @@ class CompactDecoder:
             k = F.rms_norm(k, (d,), layer.k_norm, self._eps)
         cos, sin = rotary
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = cache.keys[index], cache.values[index]
-        keys[:, start : start + n] = k.transpose(0, 1)
-        values[:, start : start + n] = v.transpose(0, 1)
-        first = 0 if layer.sliding_window is None else max(0, start - layer.sliding_window + 1)
-        attention = F.scaled_dot_product_attention(
-            q.transpose(0, 1).to(self.dtype), keys[:, first : start + n], values[:, first : start + n],
-            attn_mask=None if mask is None else mask[:, first:], scale=layer.scaling, enable_gqa=True,
-        )  # [heads, n, d]
+        attention = self._attend(layer, q, k, v, cache, index, start, mask)  # [heads, n, d]
         out = _linear(attention.transpose(0, 1).reshape(n, self._heads * d), layer.o).float()
         if layer.post_attention_norm is not None:
             out = F.rms_norm(out, (out.shape[-1],), layer.post_attention_norm, self._eps)
@@ -222,6 +220,19 @@ class CompactDecoder:
         if layer.post_mlp_norm is not None:
             out = F.rms_norm(out, (out.shape[-1],), layer.post_mlp_norm, self._eps)
         return hidden + out
+
+    def _attend(self, layer: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: CompactCache,
+                index: int, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Write this step's keys and values at positions start.. and attend over the cache."""
+        n = q.shape[0]
+        keys, values = cache.keys[index], cache.values[index]
+        keys[:, start : start + n] = k.transpose(0, 1)
+        values[:, start : start + n] = v.transpose(0, 1)
+        first = 0 if layer.sliding_window is None else max(0, start - layer.sliding_window + 1)
+        return F.scaled_dot_product_attention(
+            q.transpose(0, 1).to(self.dtype), keys[:, first : start + n], values[:, first : start + n],
+            attn_mask=None if mask is None else mask[:, first:], scale=layer.scaling, enable_gqa=True,
+        )
 
     # ---- weights -----------------------------------------------------------------------------
     def _convert_layer(self, layer: nn.Module, rope: int) -> _Layer:
@@ -256,9 +267,8 @@ class CompactDecoder:
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return x @ weight.T
-    # For a few rows, W @ x.T streams W once; x @ W.T makes CPU GEMMs repack W (cpu_matmul.py).
-    if x.shape[0] <= 16:
-        return (weight @ x.T).T
+    if x.shape[0] <= FEW_ROWS:
+        return few_row_product(x, weight)
     # Prompts: CPU bfloat16 GEMMs run ~6x slower than float32 here (a 167-token prefill of
     # Gemma 3 270M took 1.85 s against 0.32 s), so widen the weights for the product.
     if weight.dtype == torch.bfloat16:

@@ -1,17 +1,70 @@
-"""Linear layers that stay memory-bound when verifying a few positions on CPU.
+"""Linear layers that stay memory-bound when decoding or verifying a few positions on CPU.
 
 A decode step reads every weight once; a verify step over k+1 positions should cost about
-the same. PyTorch's CPU `x @ W.T` for 2-16 rows takes a GEMM path that repacks W first,
-reading the weights about twice and making a 2-position verify cost ~2.2x a 1-position
-decode on Gemma 3 270M (its 262k x 640 head: 77 ms for 1 row, 179 ms for 2). `W @ x.T`
-streams W once (59-65 ms for 2-4 rows). Measured on the project's 2-core AMD EPYC.
+the same. Two PyTorch CPU paths read the weights slower than the memory allows (measured on
+the project's 2-core AMD EPYC with Gemma 3 270M's 262k x 640 head, float32, 671 MB):
+
+- `x @ W.T` for 2-16 rows takes a GEMM path that repacks W first, reading it about twice:
+  a 2-position verify cost ~2.2x a 1-position decode (179 ms against 77). `W @ x.T` streams
+  W once (36-48 ms for 2-4 rows).
+- one row (a plain decode step) goes to a float32 matrix-vector product that runs on one
+  core: 58 ms, 11 GB/s. Split across the cores by output rows it takes 33 ms. (bfloat16's
+  product already uses both cores: splitting gains nothing there.)
+
+- bfloat16 GEMMs of 2-16 rows on this CPU (AVX2, no native bf16) cost ~3.5x a one-row
+  product for 2 rows; a matrix-vector product per row costs 2x.
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 FEW_ROWS = 16  # above this the GEMM's packing pays for itself
+# Below this many weights a split costs more in thread hand-off than it saves (~0.1 ms).
+SPLIT_MIN_WEIGHTS = 2_000_000
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def few_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] @ weight[out, in].T for the few-row products of decoding, on CPU."""
+    rows = x.shape[0]
+    # The split writes into slices of one output: no autograd through it.
+    if (rows == 1 and weight.dtype == torch.float32 and weight.numel() >= SPLIT_MIN_WEIGHTS
+            and not torch.is_grad_enabled()):
+        return _split_vector_product(weight, x[0])[None]
+    if weight.dtype == torch.bfloat16 and rows > 1:
+        # One matrix-vector product per row: 2 rows cost 2x one row, the GEMM path 3.5x.
+        return torch.stack([torch.mv(weight, row) for row in x])
+    return (weight @ x.T).T
+
+
+def _split_vector_product(weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    parts = torch.get_num_threads()
+    if parts < 2:
+        return torch.mv(weight, vector)
+    out = torch.empty(weight.shape[0], dtype=weight.dtype)
+    jobs = [_threads(parts).submit(_vector_product_into, block, vector, out_block)
+            for block, out_block in zip(weight.chunk(parts), out.chunk(parts))]
+    for job in jobs:
+        job.result()
+    return out
+
+
+def _vector_product_into(block: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> None:
+    with torch.inference_mode():  # grad mode is per thread: the caller's does not carry over
+        torch.mv(block, vector, out=out)
+
+
+def _threads(size: int) -> ThreadPoolExecutor:
+    # torch.mv releases the GIL: Python threads give each core its share of the rows.
+    global _pool, _pool_size
+    if _pool is None or _pool_size != size:
+        _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix="specdec-mv"), size
+    return _pool
 
 
 class FewRowLinear(nn.Linear):
@@ -19,10 +72,9 @@ class FewRowLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows > FEW_ROWS or x.dtype != self.weight.dtype:
+        if rows > FEW_ROWS or rows == 0 or x.dtype != self.weight.dtype or x.device.type != "cpu":
             return super().forward(x)
-        flat = x.reshape(rows, x.shape[-1])
-        out = (self.weight @ flat.T).T  # [rows, out]
+        out = few_row_product(x.reshape(rows, x.shape[-1]), self.weight)  # [rows, out]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.weight.shape[0])

@@ -59,6 +59,7 @@ class LlamaCppCausalLM:
         _quiet_llama_logs()
         llama_cpp.llama_backend_init()
         path = Path(path)
+        self.path = path
         self.name = name or path.name
         model_params = llama_cpp.llama_model_default_params()
         try:

@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import SpecDecError
 from .compact_decoder import CompactDecoder, UnsupportedArchitecture
 from .cpu_matmul import FewRowLinear
 from .hf import HFCausalLM
@@ -169,6 +170,10 @@ def self_draft_for(target: HFCausalLM, tokenizer, scheme: str = "bfloat16",
                    draft_vocab: int | None = DEFAULT_DRAFT_VOCAB) -> HFCausalLM | CompactDecoder:
     """The self-draft as the engine builds it: the vocabulary cut by corpus frequency when the
     target has a tokenizer to rank tokens with, the whole vocabulary otherwise."""
+    if not isinstance(target, HFCausalLM) and isinstance(getattr(target, "model", None), nn.Module):
+        target = HFCausalLM(target.model, target.name)  # the GPU path keeps its transformers module
+    if not isinstance(target, HFCausalLM):
+        raise SpecDecError("the self-draft is built from a torch (transformers) target")
     if draft_vocab is None or draft_vocab >= target.vocab_size:
         return build_self_draft(target, scheme)
     if tokenizer is None:

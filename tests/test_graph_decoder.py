@@ -1,0 +1,98 @@
+"""The static-cache decoder (the GPU path) computes what `transformers` computes, and
+speculative decoding over it emits exactly its own plain greedy tokens.
+
+On CPU its steps run eagerly over the static cache, so CI checks the cache, the positions
+and the masks; on CUDA the same tests run the captured graphs (the GPU script runs them).
+The decoder keeps a float32 residual stream: verifying k+1 positions and decoding them one by
+one differ by ~1e-7 in the logits, far below these models' top-2 logit margins (>1e-3).
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from specdec import Engine
+from specdec.models.graph_decoder import GRAPH_MAX_TOKENS, GraphDecoder, graph_decoder_for
+from specdec.models.hf import HFCausalLM
+import tiny
+from test_greedy_exactness import PROMPTS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float32 if DEVICE == "cuda" else torch.float64
+
+
+def _decoder(model, capacity: int = 256) -> tuple[HFCausalLM, GraphDecoder]:
+    model = model.to(DEVICE)
+    reference = HFCausalLM(model, "reference")
+    decoder = GraphDecoder(model, "static", DTYPE, set(reference.eos_token_ids), reference.vocab_size, capacity)
+    return reference, decoder
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_logits_match_transformers_through_steps_and_rewinds(family):
+    model = tiny.llama(0, dtype=DTYPE) if family == "llama" else tiny.gemma3(0, dtype=DTYPE)
+    reference, decoder = _decoder(model)
+    ids = torch.randint(3, tiny.VOCAB, (70,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ref_cache, cache = reference.new_cache(), decoder.new_cache()
+    reference.prefill(ids[:20], ref_cache)
+    decoder.prefill(ids[:20], cache)
+    worst = 0.0
+    for start in range(20, 64, 5):  # the Gemma model's window (8) is crossed many times
+        for model_, c in ((reference, ref_cache), (decoder, cache)):
+            model_.forward(ids[start : start + 5], c, 5)
+            model_.rewind(c, start + 2)  # reject three of five, as a verify step would
+        a = reference.forward(ids[start + 2 : start + 5], ref_cache, 3)
+        b = decoder.forward(ids[start + 2 : start + 5], cache, 3)
+        worst = max(worst, float((a - b).abs().max()))
+        assert decoder.cache_length(cache) == reference.cache_length(ref_cache) == start + 5
+    assert worst < 1e-4, worst  # its residual stream is float32 whatever the weights' dtype
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, None])
+@pytest.mark.parametrize("drafter", ["ngram", "self", "random"])
+def test_speculative_output_equals_plain_output_of_the_same_path(drafter, k):
+    _, target = _decoder(tiny.llama(0, dtype=DTYPE))
+    drafts = {"self": target, "random": _decoder(tiny.llama(1, dtype=DTYPE))[1]}
+    engine = Engine(target, drafter="ngram") if drafter == "ngram" else \
+        Engine(target, drafter="model", draft_model=drafts[drafter])
+    for prompt in PROMPTS:
+        plain = engine.generate(prompt, max_new_tokens=40, num_draft_tokens=0).token_ids
+        assert engine.generate(prompt, max_new_tokens=40, num_draft_tokens=k).token_ids == plain, prompt
+
+
+def test_a_finished_sequence_hands_its_cache_slot_to_the_next():
+    _, decoder = _decoder(tiny.llama(0, dtype=DTYPE))
+    first = decoder.new_cache()
+    slot = first.slot
+    del first
+    gc.collect()
+    assert decoder.new_cache().slot is slot  # its buffers (and graphs) are reused, not rebuilt
+
+
+def test_steps_past_the_capacity_are_refused_with_a_clear_error():
+    _, decoder = _decoder(tiny.llama(0, dtype=DTYPE), capacity=32)
+    assert decoder.max_context == 32  # the engine checks requests against this
+    cache = decoder.new_cache()
+    decoder.prefill(torch.arange(3, 33, device=DEVICE), cache)
+    with pytest.raises(ValueError, match="32 positions"):
+        decoder.forward(torch.tensor([5, 6, 7], device=DEVICE), cache, 3)
+    engine = Engine(decoder, drafter="ngram")
+    with pytest.raises(Exception, match="32"):
+        engine.generate(list(range(3, 30)), max_new_tokens=10)
+
+
+def test_prompts_longer_than_a_graph_step_run_eagerly_on_the_same_cache():
+    reference, decoder = _decoder(tiny.llama(0, dtype=DTYPE))
+    ids = torch.randint(3, tiny.VOCAB, (GRAPH_MAX_TOKENS + 9,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    a = reference.forward(ids, reference.new_cache(), 2)
+    b = decoder.forward(ids, decoder.new_cache(), 2)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_graph_path_is_chosen_only_where_it_applies():
+    cpu_model = tiny.wrap(tiny.llama(0, dtype=torch.float32))
+    assert graph_decoder_for(cpu_model) is cpu_model  # CPU keeps its own fast path
+    if DEVICE == "cuda":
+        assert isinstance(graph_decoder_for(HFCausalLM(tiny.llama(0, dtype=torch.float32).cuda(), "t")), GraphDecoder)
