@@ -54,16 +54,21 @@ def llama(shape: str, vocab: int, seed: int, dtype=torch.bfloat16, layers: int |
     if layers:
         cfg["num_hidden_layers"] = layers
     # decisive: random weights give near-flat logits whose argmax flips with the matmul shape
-    # (verify vs single step), which makes any planted acceptance meaningless. A head tied to
-    # a scaled-up embedding makes "repeat the current token" win by a wide margin, at the
-    # same cost per step (same shapes, same bytes read).
+    # (verify vs single step), which makes any planted acceptance meaningless. Scaling the
+    # attention and MLP output projections down leaves the residual stream dominated by the
+    # current token's embedding, and a head equal to the embedding (a copy, not tied: the
+    # head's bytes are still read) makes "repeat the current token" win by a wide margin.
+    # Shapes, bytes read and kernels are those of the real architecture.
     config = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, bos_token_id=1, eos_token_id=None,
-                         tie_word_embeddings=decisive, **cfg)
+                         tie_word_embeddings=False, **cfg)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(dtype).eval()
     if decisive:
         with torch.no_grad():
-            model.get_input_embeddings().weight.mul_(20.0)
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(1e-3)
+                layer.mlp.down_proj.weight.mul_(1e-3)
+            model.lm_head.weight.copy_(model.get_input_embeddings().weight)
     model.generation_config.eos_token_id = None
     return model
 

@@ -203,12 +203,14 @@ class CompactDecoder:
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         qkv = qkv.float().view(n, self._heads + 2 * self._kv_heads, d)
-        q, k, v = qkv.split([self._heads, self._kv_heads, self._kv_heads], dim=1)
-        if layer.q_norm is not None:
-            q = F.rms_norm(q, (d,), layer.q_norm, self._eps)
-            k = F.rms_norm(k, (d,), layer.k_norm, self._eps)
         cos, sin = rotary
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if layer.q_norm is None:  # rotate queries and keys in one pass: half the small ops
+            qk, v = qkv.split([self._heads + self._kv_heads, self._kv_heads], dim=1)
+            q, k = _rotate(qk, cos, sin).split([self._heads, self._kv_heads], dim=1)
+        else:
+            q, k, v = qkv.split([self._heads, self._kv_heads, self._kv_heads], dim=1)
+            q = _rotate(F.rms_norm(q, (d,), layer.q_norm, self._eps), cos, sin)
+            k = _rotate(F.rms_norm(k, (d,), layer.k_norm, self._eps), cos, sin)
         attention = self._attend(layer, q, k, v, cache, index, start, mask)  # [heads, n, d]
         out = _linear(attention.transpose(0, 1).reshape(n, self._heads * d), layer.o).float()
         if layer.post_attention_norm is not None:

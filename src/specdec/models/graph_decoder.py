@@ -145,20 +145,35 @@ class GraphDecoder(CompactDecoder):
         for i, layer in enumerate(self._layers):
             window = layer.sliding_window
             if window not in masks:
-                masks[window] = causal if window is None else causal & (keys > positions[:, None] - window)
+                visible = causal if window is None else causal & (keys > positions[:, None] - window)
+                masks[window] = self._grouped_mask(visible)
             hidden = self._layer(layer, hidden, slot, i, positions, rotary[layer.rope], masks[window])
         return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
+
+    def _grouped_mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """[n, capacity] visibility -> an additive mask for the grouped queries of _attend,
+        row g * n + i for query head g of a group at step position i."""
+        group = self._heads // self._kv_heads
+        additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        additive.masked_fill_(~visible, float("-inf"))
+        return additive.repeat(group, 1)
 
     def _attend(self, layer: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: _Slot,
                 index: int, start: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """start: this step's positions [n]. Attends over the whole capacity under the mask:
-        a fixed shape, and a few hundred MB of reads at most against the weights' GBs."""
+        a fixed shape, and a few hundred MB of reads at most against the weights' GBs.
+
+        The query heads that share a key/value head are stacked as extra query rows of it, so
+        attention is one fused kernel; grouped-query attention with a mask would otherwise
+        copy the keys and values out to every query head first."""
         keys, values = cache.keys[index], cache.values[index]
         keys.index_copy_(1, start, k.transpose(0, 1).to(self.dtype))
         values.index_copy_(1, start, v.transpose(0, 1).to(self.dtype))
-        return F.scaled_dot_product_attention(
-            q.transpose(0, 1).to(self.dtype), keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=True,
-        )
+        n, kv, d = q.shape[0], self._kv_heads, self._head_dim
+        group = self._heads // kv
+        grouped = q.to(self.dtype).view(n, kv, group, d).permute(1, 2, 0, 3).reshape(kv, group * n, d)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=layer.scaling)
+        return out.reshape(self._heads, n, d)  # head j * group + g: as transformers repeats them
 
     def _check_room(self, cache: StaticCache, n: int) -> None:
         if cache.length + n > self.capacity:
