@@ -36,7 +36,7 @@ from specdec.models.graph_decoder import GraphDecoder, graph_decoder_for  # noqa
 from specdec.models.hf import HFCausalLM  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu-out"))
-HBM_SPEC_BPS = 3.35e12  # H100 SXM datasheet: the floor
+HBM_SPEC_BPS = {"H100": 3.35e12, "H200": 4.8e12}  # datasheet bandwidth: the floor
 SHAPES = {
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=14336),
@@ -175,7 +175,8 @@ def main() -> None:
     assert isinstance(target, GraphDecoder) and isinstance(draft, GraphDecoder)
     # bytes read per decode step: every parameter once (the tied table is read as the head)
     weight_bytes = sum(p.numel() * p.element_size() for p in target_hf.parameters())
-    floor_spec_s = weight_bytes / HBM_SPEC_BPS
+    spec_bps = next((bps for name, bps in HBM_SPEC_BPS.items() if name in report["device"]), None)
+    floor_spec_s = weight_bytes / (spec_bps or report["copy_TBps"] * 1e12)
     torch.manual_seed(0)
     prompt = torch.randint(2, vocab, (prompt_len,)).tolist()
 
