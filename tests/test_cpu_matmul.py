@@ -2,11 +2,14 @@
 import pytest
 import torch
 
-from specdec.models.cpu_matmul import SPLIT_MIN_WEIGHTS, FewRowLinear, few_row_product
+import shutil
+
+from specdec.models import native_matmul
+from specdec.models.cpu_matmul import SPLIT_MIN_WEIGHTS, FewRowLinear, _native_product, few_row_product
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 13, 16])
 def test_few_row_product_matches_matmul(dtype, rows):
     torch.manual_seed(rows)
     # Large enough that one row takes the split matrix-vector path in float32.
@@ -35,3 +38,33 @@ def test_few_row_linear_keeps_autograd_when_grad_is_on():
     x = torch.randn(1, 640, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler for the native kernel")
+
+
+@needs_compiler
+def test_native_kernel_builds_where_a_compiler_exists():
+    assert native_matmul.library() is not None
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows,out_features,in_features,split", [
+    (1, 9, 100, False),  # row and column tails: 9 = 2 blocks of 4 + 1, 100 = 12 vectors of 8 + 4
+    (6, 4099, 64, True),  # odd row count (the second row of the last pair is a duplicate, not stored)
+    (16, 1000, 640, True),
+])
+def test_native_kernel_matches_float64_on_every_tail(monkeypatch, rows, out_features, in_features, split):
+    import specdec.models.cpu_matmul as cpu_matmul
+
+    monkeypatch.setattr(cpu_matmul, "NATIVE_SPLIT_MIN_BYTES", 0 if split else 1 << 60)
+    torch.manual_seed(rows)
+    weight, x = torch.randn(out_features, in_features), torch.randn(rows, in_features)
+    got = _native_product(native_matmul.library(), x, weight)
+    torch.testing.assert_close(got.double(), x.double() @ weight.double().T, atol=1e-4, rtol=1e-4)
+
+
+def test_native_kernel_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("SPECDEC_NATIVE", "0")
+    assert native_matmul._build_and_load() is None

@@ -1,0 +1,84 @@
+"""The few-row product kernel (native/few_rows.c): compiled once per machine, loaded by ctypes.
+
+It is optional. Without a C compiler, or where the build fails, the CPU paths fall back to
+PyTorch's own products (cpu_matmul.py), at the speeds measured there; SPECDEC_NATIVE=0
+turns it off. Build failures are logged once, with the compiler's message.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+from .cache_dir import cache_root
+
+log = logging.getLogger("specdec")
+
+SOURCE = Path(__file__).with_name("native") / "few_rows.c"
+_library: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where it is off or cannot be built (logged once)."""
+    global _library, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _library = _build_and_load()
+                _tried = True
+    return _library
+
+
+def _build_and_load() -> ctypes.CDLL | None:
+    if os.environ.get("SPECDEC_NATIVE", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler found: CPU few-row products use PyTorch's (slower for 2-16 rows)")
+        return None
+    # -march=native code runs only where it was built: the key names the CPU, not just the source.
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_identity()).hexdigest()[:16]
+    built = cache_root() / "native" / f"few_rows-{key}.so"
+    if not built.exists():
+        built.parent.mkdir(parents=True, exist_ok=True)
+        staging = built.with_name(f"{built.stem}.{os.getpid()}.tmp")
+        command = [compiler, "-O3", "-march=native", "-fPIC", "-shared", "-o", str(staging), str(SOURCE)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("building the few-row kernel failed (%s): using PyTorch's products", exc)
+            return None
+        if result.returncode != 0:
+            log.warning("building the few-row kernel failed: using PyTorch's products\n%s", result.stderr[-2000:])
+            staging.unlink(missing_ok=True)
+            return None
+        os.replace(staging, built)
+    try:
+        lib = ctypes.CDLL(str(built))
+    except OSError as exc:
+        log.warning("loading the few-row kernel failed (%s): using PyTorch's products", exc)
+        return None
+    arguments = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5
+    lib.few_rows_f32.argtypes, lib.few_rows_f32.restype = arguments, None
+    if not lib.few_rows_vectorized():
+        log.info("the few-row kernel was built without AVX2/FMA: using PyTorch's products")
+        return None
+    return lib
+
+
+def _cpu_identity() -> bytes:
+    identity = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            identity += "".join(line for line in info if line.startswith(("flags", "model name")))[:4096]
+    except OSError:
+        identity += platform.processor()
+    return identity.encode()
