@@ -85,3 +85,22 @@ def test_llama_cpp_backend_rejects_non_gguf_and_self_draft(tmp_path):
         specdec.load(target=str(tmp_path), backend="llama.cpp", device="cpu")
     with pytest.raises(specdec.SpecDecError, match="self-draft"):
         specdec.load(backend="llama.cpp", drafter="self", device="cpu")
+
+
+@pytest.mark.slow
+def test_llama_cpp_python_peer_decodes_what_our_plain_loop_decodes(engine):
+    """The benchmark's peer (llama-cpp-python's own generate(), plain and prompt lookup) is a
+    fair comparison only if it computes the same greedy continuation on the same GGUF."""
+    from specdec.bench.runs import LlamaCppPythonRun
+
+    target = engine.target
+    ids = engine.encode(PROMPTS[0])
+    ours = engine.generate(ids, max_new_tokens=24, num_draft_tokens=0).token_ids
+    for lookup in (None, 10):
+        peer = LlamaCppPythonRun("peer", target.path, target.eos_token_ids, lookup_tokens=lookup, n_ctx=1024)
+        result = peer(ids, 24, 0.0, 0)
+        assert result.wall_time_s > 0 and len(result.token_ids) == len(ours)
+        same = next((i for i, (a, b) in enumerate(zip(result.token_ids, ours)) if a != b), None)
+        if same is not None:  # only a near-tie at llama.cpp's rounding scale may differ
+            top2 = plain_logits(engine, ids + ours[:same]).topk(2).values
+            assert float(top2[0] - top2[1]) < 0.5, f"peer diverges at {same}, not a near-tie"

@@ -74,6 +74,8 @@ def add_model_args(p: argparse.ArgumentParser, several_drafters: bool = False) -
                    help="torch (transformers, CPU/GPU) or llama.cpp (GGUF on CPU; needs llama-cpp-python)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on a GPU, run eager transformers instead of the static-cache CUDA-graph path")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -100,7 +102,8 @@ def load_engine(args: argparse.Namespace):
     from .api import load
 
     return load(target=args.target, draft=args.draft, drafter=args.drafter, device=args.device, dtype=args.dtype,
-                self_draft=args.self_draft, draft_vocab=args.draft_vocab or None, backend=args.backend)
+                self_draft=args.self_draft, draft_vocab=args.draft_vocab or None, backend=args.backend,
+                cuda_graphs=args.cuda_graphs)
 
 
 def sampling_params(args: argparse.Namespace):

@@ -51,11 +51,12 @@ def _bench(args: argparse.Namespace) -> int:
     prompts = load_workload(args.workload, args.limit)
     drafters = _parse_drafters(args.drafter, args.draft)
     engine = load(target=args.target, draft=args.draft, drafter="model" if args.draft else "ngram",
-                  device=args.device, dtype=args.dtype, backend=args.backend)
+                  device=args.device, dtype=args.dtype, backend=args.backend, cuda_graphs=args.cuda_graphs)
     self_draft = None
     if any("self" in d for d in drafters):
-        self_draft = graph_decoder_for(
-            self_draft_for(engine.target, engine.tokenizer, args.self_draft, args.draft_vocab or None))
+        self_draft = self_draft_for(engine.target, engine.tokenizer, args.self_draft, args.draft_vocab or None)
+        if args.cuda_graphs:
+            self_draft = graph_decoder_for(self_draft)
 
     runs = [SpecdecRun(BASELINE, engine.with_drafter("none"), 0, kind="baseline")]
     for drafter in drafters:
