@@ -104,6 +104,9 @@ class LlamaCppPythonRun:
 
         def generate() -> list[int]:
             tokens: list[int] = []
+            # Without this, generate() reuses the previous call's prompt cache (the warm-up's,
+            # the last repeat's) and skips the prefill that every other run pays.
+            self.llm.reset()
             for token in self.llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
                 tokens.append(int(token))
                 if token in self.eos or len(tokens) >= max_new_tokens:

@@ -123,13 +123,18 @@ class LlamaCppCausalLM:
             self._decode(ids[start : start + self._n_batch], cache, num_logits=0)
 
     def forward(self, token_ids: torch.Tensor, cache: SequenceSlot, num_logits: int) -> torch.Tensor:
+        """Logits [num_logits, vocab]: a view of llama.cpp's own output buffer (its requested
+        rows are contiguous, in batch order), valid until this context's next decode. Copying
+        262k floats per verified position cost ~0.5 ms a row against a ~16 ms step."""
         ids = token_ids.tolist()
         if len(ids) > self._n_batch:
             self.prefill(token_ids[: len(ids) - num_logits], cache)
             ids = ids[len(ids) - num_logits :]
         self._decode(ids, cache, num_logits)
-        rows = [self._logits_row(i) for i in range(len(ids) - num_logits, len(ids))]
-        return torch.from_numpy(np.stack(rows))  # [num_logits, vocab]
+        pointer = self._lib.llama_get_logits(self._ctx.ctx)
+        rows = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
+                                     shape=(num_logits, self.vocab_size))
+        return torch.from_numpy(rows)
 
     def _decode(self, ids: list[int], cache: SequenceSlot, num_logits: int) -> None:
         if not ids:
@@ -146,7 +151,3 @@ class LlamaCppCausalLM:
         self._ctx.decode(self._batch)
         cache.length += len(ids)
 
-    def _logits_row(self, i: int) -> np.ndarray:
-        pointer = self._ctx.get_logits_ith(i)
-        return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
-                                     shape=(self.vocab_size,)).copy()
