@@ -134,13 +134,9 @@ def step_costs(model, prompt: list[int], sizes=(1, 2, 3, 5, 7, 9)) -> dict[int, 
 
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read plus written per second: the measured HBM ceiling."""
-    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    samples = []
-    for _ in range(10):
-        t, _ = sync_time(lambda: b.copy_(a))
-        samples.append(t)
-    del a, b
+    source = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    samples = [sync_time(lambda: target.copy_(source))[0] for _ in range(10)]
     return 2 * (2 << 30) / statistics.median(samples[2:])
 
 

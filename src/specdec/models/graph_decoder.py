@@ -101,7 +101,7 @@ class GraphDecoder(CompactDecoder):
         (a verify near the token budget feeds fewer tokens than the usual k+1)."""
         if not self._graphs:
             return
-        caches = [self.new_cache() for _ in range(slots)]  # a target and its self-draft: two
+        caches = [self.new_cache() for _ in range(slots)]  # held together, so each is a distinct slot
         for cache in caches:
             cache.slot.start.fill_(0)
             for n in sizes:
