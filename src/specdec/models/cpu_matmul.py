@@ -1,8 +1,8 @@
 """Linear layers that stay memory-bound when decoding or verifying a few positions on CPU.
 
 A decode step reads every weight once; a verify step over k+1 positions should cost about
-the same. Two PyTorch CPU paths read the weights slower than the memory allows (measured on
-the project's 2-core AMD EPYC with Gemma 3 270M's 262k x 640 head, float32, 671 MB):
+the same. Several PyTorch CPU paths read the weights slower than the memory allows (measured
+on the project's 2-core AMD EPYC with Gemma 3 270M's 262k x 640 head, float32, 671 MB):
 
 - `x @ W.T` for 2-16 rows takes a GEMM path that repacks W first, reading it about twice:
   a 2-position verify cost ~2.2x a 1-position decode (179 ms against 77). `W @ x.T` streams
@@ -10,7 +10,6 @@ the project's 2-core AMD EPYC with Gemma 3 270M's 262k x 640 head, float32, 671 
 - one row (a plain decode step) goes to a float32 matrix-vector product that runs on one
   core: 58 ms, 11 GB/s. Split across the cores by output rows it takes 33 ms. (bfloat16's
   product already uses both cores: splitting gains nothing there.)
-
 - bfloat16 GEMMs of 2-16 rows on this CPU (AVX2, no native bf16) cost ~3.5x a one-row
   product for 2 rows; a matrix-vector product per row costs 2x.
 - float32 products of 6-16 rows read the weights more than once (the head: 4 rows 37-48 ms,
@@ -30,10 +29,7 @@ from . import native_matmul
 FEW_ROWS = 16  # above this the GEMM's packing pays for itself
 # Below this many weights a split costs more in thread hand-off than it saves (~0.1 ms).
 SPLIT_MIN_WEIGHTS = 2_000_000
-# PyTorch's product reads the weights once up to ~5 rows, then again per pair of rows or so
-# (the 262k x 640 head: 4 rows 37-48 ms, 9 rows 82-97, 12 rows 137-152); the native kernel
-# reads them once (9 rows 61 ms, 16 rows 80).
-NATIVE_MIN_ROWS = 6
+NATIVE_MIN_ROWS = 6  # below this W @ x.T already reads the weights about once
 NATIVE_SPLIT_MIN_BYTES = 16 << 20  # thread hand-off here costs ~0.15 ms: only large matrices gain
 
 _pool: ThreadPoolExecutor | None = None
