@@ -19,6 +19,24 @@ def _pair(family: str) -> tuple[HFCausalLM, CompactDecoder]:
     return reference, CompactDecoder(model, family, torch.float32, set(reference.eos_token_ids), reference.vocab_size)
 
 
+def worst_gap_through_rewinds(reference, model, ids: torch.Tensor, step: int, keep: int, prefill: int = 20) -> float:
+    """Feed both models the same prompt, then verify-like steps of `step` tokens of which
+    only `keep` are kept (a rewind), and re-feed the rest; the largest logit difference."""
+    ref_cache, cache = reference.new_cache(), model.new_cache()
+    reference.prefill(ids[:prefill], ref_cache)
+    model.prefill(ids[:prefill], cache)
+    worst = 0.0
+    for start in range(prefill, ids.shape[0] - step + 1, step):
+        for m, c in ((reference, ref_cache), (model, cache)):
+            m.forward(ids[start : start + step], c, step)
+            m.rewind(c, start + keep)  # reject the rest, as a verify step would
+        a = reference.forward(ids[start + keep : start + step], ref_cache, step - keep)
+        b = model.forward(ids[start + keep : start + step], cache, step - keep)
+        worst = max(worst, float((a - b).abs().max()))
+        assert model.cache_length(cache) == reference.cache_length(ref_cache) == start + step
+    return worst
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_logits_match_transformers_through_prefill_steps_and_rewinds(family, monkeypatch):
     # A small initial capacity makes the cache grow mid-sequence; the Gemma model's sliding
@@ -26,18 +44,7 @@ def test_logits_match_transformers_through_prefill_steps_and_rewinds(family, mon
     monkeypatch.setattr(compact_decoder, "INITIAL_CAPACITY", 4)
     reference, compact = _pair(family)
     ids = torch.randint(3, tiny.VOCAB, (60,), generator=torch.Generator().manual_seed(1))
-    ref_cache, cache = reference.new_cache(), compact.new_cache()
-    reference.prefill(ids[:20], ref_cache)
-    compact.prefill(ids[:20], cache)
-    worst = 0.0
-    for start in range(20, 56, 4):
-        for model, c in ((reference, ref_cache), (compact, cache)):
-            model.forward(ids[start : start + 4], c, 4)
-            model.rewind(c, start + 1)  # reject three of four, as a verify step would
-        a = reference.forward(ids[start + 1 : start + 4], ref_cache, 3)
-        b = compact.forward(ids[start + 1 : start + 4], cache, 3)
-        worst = max(worst, float((a - b).abs().max()))
-        assert compact.cache_length(cache) == reference.cache_length(ref_cache) == start + 4
+    worst = worst_gap_through_rewinds(reference, compact, ids, step=4, keep=1)
     assert worst < 1e-4, worst
 
 

@@ -53,6 +53,7 @@ class GraphDecoder(CompactDecoder):
     def __init__(self, model: nn.Module, name: str, dtype: torch.dtype, eos_token_ids: set[int],
                  vocab_size: int, capacity: int = DEFAULT_CAPACITY) -> None:
         super().__init__(model, name, dtype, eos_token_ids, vocab_size)
+        self.model = model  # the transformers module it reads its weights from (the bench's peers run it)
         self.capacity = min(capacity, self.max_context)
         self.max_context = self.capacity
         self._free: list[_Slot] = []
@@ -194,6 +195,5 @@ def graph_decoder_for(model, capacity: int = DEFAULT_CAPACITY):
                                capacity=capacity)
     except UnsupportedArchitecture:
         return model
-    decoder.model = model.model  # the transformers module, for the benchmark's peer runs
     decoder.capture()
     return decoder

@@ -50,8 +50,8 @@ def frequent_tokens(tokenizer: Any, vocab_size: int) -> torch.Tensor:
         log.info("ranked %d distinct tokens by frequency in %.1f s (cached in %s)",
                  len(counts), time.perf_counter() - started, path)
     frequency = torch.zeros(vocab_size, dtype=torch.long)
-    seen = torch.tensor([t for t in counts if t < vocab_size], dtype=torch.long)
-    frequency[seen] = torch.tensor([counts[int(t)] for t in seen], dtype=torch.long)
+    seen = [t for t in counts if t < vocab_size]
+    frequency[torch.tensor(seen, dtype=torch.long)] = torch.tensor([counts[t] for t in seen], dtype=torch.long)
     # Stable sort: equal counts (the unseen tail) stay in id order.
     return torch.sort(frequency, descending=True, stable=True).indices
 
