@@ -8,7 +8,9 @@ import torch
 
 from .engine import Engine
 from .errors import SpecDecError
+from .models.distilled_draft import is_distilled_draft, load_distilled_draft
 from .models.graph_decoder import graph_decoder_for
+from .models.hf import HFCausalLM
 from .models.loading import load_model, resolve_device, resolve_dtype
 from .models.self_draft import DEFAULT_DRAFT_VOCAB, SCHEMES, self_draft_for
 
@@ -58,6 +60,8 @@ def load(
         if backend != "torch":
             raise SpecDecError("the self-draft is built from a torch model: use --backend torch for it")
         draft_model = self_draft_for(loaded_target.model, loaded_target.tokenizer, self_draft, draft_vocab)
+    elif draft is not None and is_distilled_draft(draft):
+        draft_model = _distilled_draft(draft, target, loaded_target, resolved_device, resolved_dtype)
     elif draft is not None:
         draft_backend = backend if str(draft).endswith(".gguf") else "torch"
         draft_model = load_model(draft, resolved_device, resolved_dtype, draft_backend).model
@@ -68,6 +72,16 @@ def load(
         target_model = graph_decoder_for(target_model)
         draft_model = None if draft_model is None else graph_decoder_for(draft_model)
     return Engine(target_model, loaded_target.tokenizer, drafter, draft_model)
+
+
+def _distilled_draft(draft, target_spec, loaded_target, device, dtype):
+    """A distilled draft runs in torch on the target's own embedding and head; a llama.cpp
+    target lends them through its torch twin (same file, loaded once more in torch)."""
+    host = loaded_target
+    if not isinstance(loaded_target.model, HFCausalLM):
+        logging.getLogger("specdec").info("the distilled draft runs in torch: loading the target's embedding there too")
+        host = load_model(target_spec, device, dtype, "torch")
+    return load_distilled_draft(draft, host.model, host.tokenizer or loaded_target.tokenizer)
 
 
 def default_drafter(has_draft_model: bool, backend: str, device: torch.device) -> str:

@@ -1,4 +1,4 @@
-"""Command line: `specdec generate | serve | bench | models`."""
+"""Command line: `specdec generate | serve | bench | distill | models`."""
 from __future__ import annotations
 
 import argparse
@@ -43,8 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     from .server.cli import add_serve_parser
     from .bench.cli import add_bench_parser
 
+    from .distill.cli import add_distill_parser
+
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_distill_parser(sub)
 
     models = sub.add_parser("models", help="list the models specdec can load by short name")
     models.set_defaults(run=_models)

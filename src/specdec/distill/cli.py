@@ -1,0 +1,134 @@
+"""`specdec distill`: data -> training -> a draft directory -> a before/after table."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("specdec")
+
+
+def add_distill_parser(sub) -> None:
+    p = sub.add_parser("distill", help="train a small draft model that fits the target and your text",
+                       description="Distil a shallow draft from the target on your text (KL to the target's "
+                                   "next-token distributions, teacher-forced), then measure it on held-out text.")
+    p.add_argument("--target", help="target model: short name, local dir, .gguf file (default: gemma-3-270m)")
+    p.add_argument("--data", required=True,
+                   help="training text: FILE.jsonl[.gz] (every string field), FILE.txt, a DIR of text files, or "
+                        "builtin:python-docs / builtin:python-source; several joined by commas")
+    p.add_argument("--out", required=True, help="directory for the draft (and checkpoints while training)")
+    p.add_argument("--layers", type=int, default=2, help="draft layers, initialised from the target's (default: 2)")
+    p.add_argument("--draft-vocab", type=int, default=16384, metavar="N",
+                   help="the draft scores the N most frequent tokens of the training text (default: 16384)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: 5e-4)")
+    p.add_argument("--max-tokens", type=int, help="use at most this many tokens of the data")
+    p.add_argument("--generated-tokens", type=int, default=0, metavar="N",
+                   help="also train on about N tokens of the target's own sampled continuations (default: 0)")
+    p.add_argument("--generation-temperature", type=float, default=0.8)
+    p.add_argument("--generation-batch-size", type=int, help="sequences generated at once (default: 512 on GPU, 8 on CPU)")
+    p.add_argument("--generated-cache", metavar="FILE",
+                   help="keep the target's generations in FILE and reuse them when it exists (they cost the most)")
+    p.add_argument("--storage", choices=["bfloat16", "int8"], default="bfloat16",
+                   help="how the draft's weights are saved: bfloat16, or int8 rows with scales (half the size)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", help="the target's dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS")
+    p.add_argument("--eval-prompts", type=int, default=8, help="held-out prompts to evaluate on; 0 = skip (default: 8)")
+    p.add_argument("--eval-tokens", type=int, default=48, help="tokens generated per evaluation prompt (default: 48)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_distill)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..api import _ensure_log_handler
+    from ..errors import SpecDecError
+    from ..models.distilled_draft import TargetIdentity, load_distilled_draft
+    from ..models.loading import load_model, resolve_device, resolve_dtype
+    from .corpus import build_corpus, read_documents
+    from .evaluate import evaluate, format_table, held_out_prompts
+    from .train import TrainingConfig, distil, token_map_from
+
+    _ensure_log_handler()
+    for name in ("layers", "steps", "batch_size", "seq_len", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise SpecDecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise SpecDecError(f"--lr must be positive, got {args.lr}")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SpecDecError(f"--out {str(out)!r} exists and is not a directory")
+    documents = read_documents(args.data)  # before loading the model: bad data fails in a second
+    device = resolve_device(args.device)
+    loaded = load_model(args.target, device, resolve_dtype(args.dtype, device))
+    target, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise SpecDecError("distillation reads text, so the target needs a tokenizer")
+    if args.draft_vocab > target.vocab_size:
+        raise SpecDecError(f"--draft-vocab {args.draft_vocab} is larger than the target's vocabulary "
+                           f"of {target.vocab_size} tokens")
+    layers = target.model.config.get_text_config().num_hidden_layers
+    if args.layers > layers:
+        raise SpecDecError(f"--layers {args.layers}: the target has only {layers} layers")
+    corpus = build_corpus(tokenizer, documents, args.seq_len, seed=args.seed, max_tokens=args.max_tokens)
+    sequences = corpus.train
+    log.info("training text: %d documents, %d tokens in %d sequences; %d documents held out",
+             len(documents) - len(corpus.held_out_documents), corpus.train_tokens, len(sequences),
+             len(corpus.held_out_documents))
+    if args.generated_tokens > 0:
+        from .generate_data import target_continuations
+
+        cache = Path(args.generated_cache).expanduser() if args.generated_cache else None
+        if cache is not None and cache.is_file():
+            generated = torch.load(cache, weights_only=True)
+            log.info("reusing %d generated sequences from %s", len(generated), cache)
+        else:
+            batch = args.generation_batch_size or (512 if device.type == "cuda" else 8)
+            generated = target_continuations(target.model, sequences, args.generated_tokens,
+                                             args.generation_temperature, batch_size=batch, seed=args.seed)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(generated, cache)
+        if generated.shape[1] != sequences.shape[1]:
+            raise SpecDecError(f"the generations in {cache} have another --seq-len; delete the file to regenerate")
+        sequences = torch.cat([sequences, generated])
+    token_map = token_map_from(sequences, args.draft_vocab, target.vocab_size, set(target.eos_token_ids))
+    identity = TargetIdentity.of(target.model, target.vocab_size, tokenizer)
+    config = TrainingConfig(layers=args.layers, draft_vocab=args.draft_vocab, steps=args.steps,
+                            batch_size=args.batch_size, learning_rate=args.lr,
+                            checkpoint_every=args.checkpoint_every, seed=args.seed, storage=args.storage)
+    details = {"data": args.data, "generated_tokens": int(args.generated_tokens), "target": args.target or "default"}
+    untrained_dir = None
+    if args.eval_prompts > 0:  # the starting point, for the before/after table
+        untrained_dir = Path(tempfile.mkdtemp(prefix="specdec-untrained-"))
+        distil(target.model, identity, sequences, untrained_dir, TrainingConfig(
+            layers=args.layers, steps=0, progress=False), token_map)
+    result = distil(target.model, identity, sequences, out, config, token_map, resume=args.resume, details=details)
+    log.info("trained %d steps on %d tokens in %.0f s; loss %.3f -> %.3f; draft saved in %s", result.steps,
+             result.tokens, result.seconds, result.first_loss, result.last_loss, out)
+    if args.eval_prompts <= 0:
+        return 0
+    prompts = held_out_prompts(corpus.held_out_documents, args.eval_prompts, prompt_tokens=64)
+    if not prompts:
+        print("no held-out document is long enough to evaluate on; skipped", file=sys.stderr)
+        return 0
+    trained = load_distilled_draft(out, target, tokenizer)
+    untrained = load_distilled_draft(untrained_dir, target, tokenizer)
+    rows = evaluate(target, tokenizer, {"ngram": ("ngram", None), "untrained draft": ("model", untrained),
+                                        "distilled draft": ("model", trained),
+                                        "ngram + distilled draft": ("ngram+model", trained)},
+                    prompts, args.eval_tokens)
+    table = format_table(rows)
+    print(f"\nheld-out evaluation: {len(prompts)} prompts, {args.eval_tokens} tokens each, greedy, {device}\n{table}")
+    (out / "evaluation.json").write_text(json.dumps({"prompts": len(prompts), "tokens": args.eval_tokens,
+                                                     "device": str(device), "rows": [r.to_dict() for r in rows]},
+                                                    indent=2))
+    return 0
