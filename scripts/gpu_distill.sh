@@ -9,10 +9,25 @@
 # (build/xfer/gguf.sha256), that assembles, checks and trains. What comes back:
 # $OUT/draft, its weights split into 15 MB pieces (join them with cat).
 # Usage: scripts/gpu_distill.sh stash | scripts/gpu_distill.sh train [specdec distill options]
+#
+# The shipped draft (src/specdec/drafts/gemma-3-270m) was made on 2026-11-23 on an H100 with
+#   build/x0..x3: the GGUF's parts 00-03; build/x4/tokenizer: tokenizer.json and
+#   tokenizer_config.json of the default model's converted directory (the GPU machine's
+#   transformers 5.17 converts Gemma's GGUF tokenizer into one that splits text into
+#   characters; this one, from transformers 5.23, does not);
+#   build/xfer: parts 04-05, gguf.sha256, data/ (../shared/data's alpaca, gsm8k-test,
+#   mt-bench and humaneval files, python-docs.jsonl = pydoc topics, stdlib-sample.jsonl =
+#   every 4th module of the standard library), pylib/ (gguf-py with its dist-info),
+# and, after five `stash` calls, the call
+#   scripts/gpu_distill.sh train --tokenizer build/keep/tokenizer --layers 4 --draft-vocab 16384 \
+#     --steps 2500 --batch-size 64 --seq-len 256 --lr 6e-4 --generated-tokens 3000000 \
+#     --generation-temperature 0.8 --storage int8 --device cuda --checkpoint-every 250
+# (made twice: the first call reached its time limit after the checkpoint of step 2250).
 set -euo pipefail
 keep=build/keep
 mkdir -p "$keep"
-for part in build/x*/part*; do [ -e "$part" ] && cp "$part" "$keep/"; done
+for part in build/x*/part*; do [ -e "$part" ] && cp "$part" "$keep/" || true; done
+for tok in build/x*/tokenizer; do [ -d "$tok" ] && cp -r "$tok" "$keep/" || true; done
 if [ "${1:-}" = "stash" ]; then ls -la "$keep"; exit 0; fi
 shift || true
 [ -s "$keep/gemma.gguf" ] || cat "$keep"/part* > "$keep/gemma.gguf"

@@ -10,7 +10,7 @@ import torch
 
 import specdec
 from specdec.cli import main
-from specdec.errors import VocabularyMismatchError
+from specdec.errors import SpecDecError, VocabularyMismatchError
 from specdec.models.distilled_draft import initial_layers, load_distilled_draft
 from specdec.models.loading import load_model
 
@@ -103,7 +103,7 @@ def test_resume_continues_from_the_checkpoint(target_dir, data_file, tmp_path):
     assert (tmp_path / "checkpoint.pt").exists()
     assert main([*args, "--steps", "12", "--resume"]) == 0
     meta = json.loads((tmp_path / "specdec_draft.json").read_text())
-    assert meta["training"]["tokens_this_run"] == 7 * 8 * 64  # steps 5..11 only
+    assert meta["training"]["tokens"] == 12 * 8 * 64  # the interrupted run's 5 steps count too
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
@@ -121,6 +121,30 @@ def test_a_draft_for_another_vocabulary_is_refused(distilled, tmp_path):
     loaded = load_model(str(tmp_path), torch.device("cpu"), torch.float32)
     with pytest.raises(VocabularyMismatchError, match="distilled for another target"):
         load_distilled_draft(distilled, loaded.model, None)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: _edit_json(d / "specdec_draft.json", lambda m: m["target"].update(vocabulary_key="0" * 16)),
+     "a different tokenizer vocabulary"),
+    (lambda d: _edit_json(d / "token_map.json", lambda ids: ids.__setitem__(0, 10**6)), "does not fit"),
+    (lambda d: _edit_json(d / "token_map.json", lambda ids: ids.__setitem__(1, ids[0])), "repeated"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage"), "cannot read the draft's weights"),
+])
+def test_a_damaged_or_foreign_draft_directory_gets_a_clear_error(target_dir, distilled, tmp_path, edit, message):
+    import shutil
+
+    copy = tmp_path / "draft"
+    shutil.copytree(distilled, copy)
+    edit(copy)
+    loaded = load_model(str(target_dir), torch.device("cpu"), torch.float32)
+    with pytest.raises(SpecDecError, match=message):
+        load_distilled_draft(copy, loaded.model, loaded.tokenizer)
+
+
+def _edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -55,6 +55,7 @@ def load(
     if draft_vocab is not None and (isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int) or draft_vocab < 1):
         raise SpecDecError(f"draft_vocab must be a positive number of tokens (or None for all), got {draft_vocab!r}")
     resolved_dtype = resolve_dtype(dtype, resolved_device)
+    draft = _shipped_draft_path(draft)
     loaded_target = load_model(target, resolved_device, resolved_dtype, backend)
     if drafter in ("self", "ngram+self"):
         if backend != "torch":
@@ -72,6 +73,18 @@ def load(
         target_model = graph_decoder_for(target_model)
         draft_model = None if draft_model is None else graph_decoder_for(draft_model)
     return Engine(target_model, loaded_target.tokenizer, drafter, draft_model)
+
+
+def _shipped_draft_path(draft):
+    from .models.registry import DRAFTS
+
+    if draft is None or str(draft) not in DRAFTS:
+        return draft
+    shipped = DRAFTS[str(draft)]
+    if not shipped.present():
+        raise SpecDecError(f"the shipped draft {shipped.name!r} is missing from this installation ({shipped.path}); "
+                           "reinstall specdec, or distil one with specdec distill")
+    return shipped.path
 
 
 def _distilled_draft(draft, target_spec, loaded_target, device, dtype):

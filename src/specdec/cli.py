@@ -63,7 +63,8 @@ def add_model_args(p: argparse.ArgumentParser, several_drafters: bool = False) -
     from .engine import DRAFTERS
 
     p.add_argument("--target", help="target model: short name, local dir, .gguf file or hub id (default: gemma-3-270m)")
-    p.add_argument("--draft", help="draft model sharing the target's vocabulary")
+    p.add_argument("--draft", help="draft model sharing the target's vocabulary: a model like --target, a directory "
+                                   "made by specdec distill, or a shipped draft's name (specdec models lists them)")
     if several_drafters:
         p.add_argument("--drafter", help=f"comma-separated drafters to compare ({', '.join(DRAFTERS[:-1])}); "
                                          "default: ngram, plus model when --draft is given")
@@ -176,12 +177,15 @@ class _ProvenanceText:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .models.registry import DEFAULT_TARGET, REGISTRY
+    from .models.registry import DEFAULT_TARGET, DRAFTS, REGISTRY
 
     for name, entry in REGISTRY.items():
         default = " (default)" if name == DEFAULT_TARGET else ""
         present = "present" if entry.present() else f"not installed ({entry.install_hint})"
         print(f"{name}{default}\t~{entry.approx_size_mb} MB\t{present}\t{entry.description}")
+    for name, draft in DRAFTS.items():
+        present = "present" if draft.present() else "missing from this installation"
+        print(f"{name}\tdraft for {draft.target}\t{present}\t{draft.description}")
     return 0
 
 

@@ -36,6 +36,9 @@ def add_distill_parser(sub) -> None:
                    help="keep the target's generations in FILE and reuse them when it exists (they cost the most)")
     p.add_argument("--storage", choices=["bfloat16", "int8"], default="bfloat16",
                    help="how the draft's weights are saved: bfloat16, or int8 rows with scales (half the size)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="read the text with this tokenizer directory instead of the target's own (it must be the "
+                        "same vocabulary; for a GGUF whose tokenizer this transformers version converts badly)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="the target's dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -44,6 +47,20 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=48, help="tokens generated per evaluation prompt (default: 48)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_distill)
+
+
+def _tokenizer(path: str, vocab_size: int):
+    from transformers import AutoTokenizer
+
+    from ..errors import SpecDecError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(Path(path).expanduser())
+    except (OSError, ValueError) as exc:
+        raise SpecDecError(f"cannot load the tokenizer in {path!r}: {exc}") from None
+    if len(tokenizer) > vocab_size:
+        raise SpecDecError(f"the tokenizer in {path!r} has {len(tokenizer)} tokens, more than the target's {vocab_size}")
+    return tokenizer
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -70,6 +87,8 @@ def _distill(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.target, device, resolve_dtype(args.dtype, device))
     target, tokenizer = loaded.model, loaded.tokenizer
+    if args.tokenizer:
+        tokenizer = _tokenizer(args.tokenizer, target.vocab_size)
     if tokenizer is None:
         raise SpecDecError("distillation reads text, so the target needs a tokenizer")
     if args.draft_vocab > target.vocab_size:

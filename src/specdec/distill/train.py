@@ -45,7 +45,7 @@ class TrainingConfig:
 @dataclass
 class TrainingResult:
     steps: int
-    tokens: int
+    tokens: int  # over all runs of this training (a resumed one included)
     seconds: float
     first_loss: float
     last_loss: float
@@ -81,9 +81,10 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.98))
     schedule = _schedule(config.steps)
     start_step = 0
+    earlier = {"tokens": 0, "seconds": 0.0, "first_loss": None}  # of the runs a resume continues
     checkpoint_path = out / CHECKPOINT_FILE
     if resume and checkpoint_path.exists():
-        start_step = _restore(checkpoint_path, draft, optimizer, token_map, layer_ids)
+        start_step, earlier = _restore(checkpoint_path, draft, optimizer, token_map, layer_ids)
         log.info("resuming from step %d of %d (%s)", start_step, config.steps, checkpoint_path)
     elif resume:
         log.info("no checkpoint in %s: starting from the target's layers", out)
@@ -121,17 +122,20 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}", refresh=False)
         bar.update(1)
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _checkpoint(checkpoint_path, draft, optimizer, token_map, layer_ids, step + 1)
+            _checkpoint(checkpoint_path, draft, optimizer, token_map, layer_ids, step + 1, {
+                "tokens": earlier["tokens"] + tokens, "seconds": earlier["seconds"] + time.perf_counter() - started,
+                "first_loss": earlier["first_loss"] if earlier["first_loss"] is not None else losses[0]})
     bar.close()
     draft.eval()
     seconds = time.perf_counter() - started
-    result = TrainingResult(config.steps, tokens, seconds, losses[0] if losses else math.nan,
+    first_loss = earlier["first_loss"] if earlier["first_loss"] is not None else (losses[0] if losses else math.nan)
+    result = TrainingResult(config.steps, earlier["tokens"] + tokens, earlier["seconds"] + seconds, first_loss,
                             losses[-1] if losses else math.nan, losses)
     save_draft(out, draft, token_map.cpu(), identity, {
         "layers_from_target": layer_ids,
         "training": {"steps": config.steps, "batch_size": config.batch_size, "seq_len": int(sequences.shape[1]),
-                     "learning_rate": config.learning_rate, "tokens_this_run": tokens,
-                     "seconds_this_run": round(seconds, 1), "device": str(device),
+                     "learning_rate": config.learning_rate, "tokens": result.tokens,
+                     "seconds": round(result.seconds, 1), "device": str(device),
                      "first_loss": result.first_loss, "last_loss": result.last_loss, **(details or {})},
     }, storage=config.storage)
     checkpoint_path.unlink(missing_ok=True)
@@ -189,9 +193,9 @@ def _batches(rows: int, batch_size: int, generator: torch.Generator, skip: int):
 
 
 def _checkpoint(path: Path, draft: nn.Module, optimizer: torch.optim.Optimizer, token_map: torch.Tensor,
-                layer_ids: list[int], step: int) -> None:
+                layer_ids: list[int], step: int, totals: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "layer_ids": layer_ids, "token_map": token_map.cpu(),
+    state = {"step": step, "layer_ids": layer_ids, "token_map": token_map.cpu(), "totals": totals,
              "trainable": {k: v for k, v in _body(draft).state_dict().items() if k.startswith(("layers.", "norm."))},
              "optimizer": optimizer.state_dict()}
     staged = path.with_suffix(".tmp")
@@ -200,7 +204,7 @@ def _checkpoint(path: Path, draft: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def _restore(path: Path, draft: nn.Module, optimizer: torch.optim.Optimizer, token_map: torch.Tensor,
-             layer_ids: list[int]) -> int:
+             layer_ids: list[int]) -> tuple[int, dict[str, Any]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged file
@@ -210,4 +214,4 @@ def _restore(path: Path, draft: nn.Module, optimizer: torch.optim.Optimizer, tok
                            "data): use the same ones, or delete it to start over")
     _body(draft).load_state_dict(state["trainable"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    return int(state["step"]), state["totals"]

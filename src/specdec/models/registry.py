@@ -91,3 +91,27 @@ REGISTRY: dict[str, NamedModel] = {
 }
 
 DEFAULT_TARGET = "gemma-3-270m"
+
+
+# Drafts distilled by the project (specdec distill) and shipped inside the package, by name.
+# Each is a directory of models/distilled_draft.py's format, tied to its target.
+@dataclass(frozen=True)
+class ShippedDraft:
+    name: str
+    target: str
+    description: str
+
+    @property
+    def path(self) -> Path:
+        return Path(__file__).resolve().parent.parent / "drafts" / self.target
+
+    def present(self) -> bool:
+        return (self.path / "specdec_draft.json").is_file() and (self.path / "model.safetensors").is_file()
+
+
+DRAFTS: dict[str, ShippedDraft] = {
+    "gemma-3-270m-distilled": ShippedDraft(
+        name="gemma-3-270m-distilled", target="gemma-3-270m",
+        description="4-layer draft distilled from Gemma 3 270M (16k-token head, int8, 22 MB); see README, specdec distill",
+    ),
+}
