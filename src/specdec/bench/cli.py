@@ -9,8 +9,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from ..errors import SpecDecError
 
 HF_PROMPT_LOOKUP_TOKENS = 10  # transformers' documented typical value
@@ -39,6 +37,8 @@ def add_bench_parser(sub) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from torch import nn
+
     from ..api import load
     from ..models.graph_decoder import graph_decoder_for
     from ..models.self_draft import self_draft_for
@@ -71,7 +71,7 @@ def _bench(args: argparse.Namespace) -> int:
         if "ngram" in drafters:
             lookup = ks[0] if len(ks) == 1 and ks[0] else HF_PROMPT_LOOKUP_TOKENS
             runs.append(HFGenerateRun("hf-prompt-lookup", engine, prompt_lookup_tokens=lookup))
-        if args.draft and isinstance(getattr(engine.draft_model, "model", None), torch.nn.Module):
+        if args.draft and isinstance(getattr(engine.draft_model, "model", None), nn.Module):
             # a distilled draft shares the target's embedding: it is no standalone assistant model
             runs.append(HFGenerateRun("hf-assisted", engine, assistant=True))
     if not args.no_peers and args.backend == "llama.cpp":  # the engine a CPU user would otherwise pick

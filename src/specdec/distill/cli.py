@@ -125,11 +125,6 @@ def _distill(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, learning_rate=args.lr,
                             checkpoint_every=args.checkpoint_every, seed=args.seed, storage=args.storage)
     details = {"data": args.data, "generated_tokens": int(args.generated_tokens), "target": args.target or "default"}
-    untrained_dir = None
-    if args.eval_prompts > 0:  # the starting point, for the before/after table
-        untrained_dir = Path(tempfile.mkdtemp(prefix="specdec-untrained-"))
-        distil(target.model, identity, sequences, untrained_dir, TrainingConfig(
-            layers=args.layers, steps=0, progress=False), token_map)
     result = distil(target.model, identity, sequences, out, config, token_map, resume=args.resume, details=details)
     log.info("trained %d steps on %d tokens in %.0f s; loss %.3f -> %.3f; draft saved in %s", result.steps,
              result.tokens, result.seconds, result.first_loss, result.last_loss, out)
@@ -140,7 +135,11 @@ def _distill(args: argparse.Namespace) -> int:
         print("no held-out document is long enough to evaluate on; skipped", file=sys.stderr)
         return 0
     trained = load_distilled_draft(out, target, tokenizer)
-    untrained = load_distilled_draft(untrained_dir, target, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="specdec-untrained-") as untrained_dir:
+        # the starting point (the target's copied layers, untrained), for the before/after table
+        distil(target.model, identity, sequences, Path(untrained_dir),
+               TrainingConfig(layers=args.layers, steps=0, progress=False), token_map)
+        untrained = load_distilled_draft(untrained_dir, target, tokenizer)
     rows = evaluate(target, tokenizer, {"ngram": ("ngram", None), "untrained draft": ("model", untrained),
                                         "distilled draft": ("model", trained),
                                         "ngram + distilled draft": ("ngram+model", trained)},

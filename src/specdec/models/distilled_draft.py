@@ -141,7 +141,7 @@ def load_distilled_draft(directory: str | Path, target: HFCausalLM, tokenizer: A
     module = _empty_module(type(target.model), config)
     try:
         weights = load_file(str(directory / WEIGHTS_FILE))
-    except (OSError, Exception) as exc:  # safetensors raises its own error type for corrupt files
+    except Exception as exc:  # OSError, or safetensors' own error type for a damaged file
         raise ModelLoadError(f"cannot read the draft's weights in {directory}: {exc}") from None
     missing, unexpected = module.load_state_dict(_dequantized(weights), strict=False)
     body_missing = [k for k in missing if ".layers." in k or ".norm." in k]
