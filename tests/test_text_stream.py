@@ -45,3 +45,44 @@ def test_provenance_marks_every_token(text_engine):
     out = text_engine.generate("the quick brown fox jumps over the lazy dog the quick", max_new_tokens=30)
     assert len(out.provenance) == len(out.token_ids)
     assert out.provenance.count("draft") == out.stats.accepted_tokens or out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_text_equals_decoding_everything_at_once(seed):
+    # Random tokens (byte fragments included) pushed in random chunks: the stream's text after
+    # every push is exactly the tokenizer's decode of all tokens so far.
+    import random
+
+    tok = tiny.tokenizer()
+    rng = random.Random(seed)
+    ids = [rng.randrange(3, tiny.VOCAB) for _ in range(300)]
+    stream = TextStream(tok)
+    emitted, pos = "", 0
+    while pos < len(ids):
+        chunk = ids[pos : pos + rng.randint(1, 6)]
+        pos += len(chunk)
+        emitted += stream.push(chunk)[0]
+        assert stream.text == tok.decode(ids[:pos], skip_special_tokens=True)
+    assert emitted + stream.finish() == tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_incremental_text_equals_whole_decoding_with_the_default_tokenizer():
+    # SentencePiece-style decoding (leading spaces, byte fallback) over real text and over random ids.
+    import random
+
+    from specdec.models.loading import load_model
+    import torch
+
+    tok = load_model(None, torch.device("cpu"), torch.float32).tokenizer
+    rng = random.Random(0)
+    real = tok("Ünïcödé, emoji 🙂 and  double  spaces:\n\tdef f(x): return x ** 2  # café",
+               add_special_tokens=False)["input_ids"]
+    for ids in (real, [rng.randrange(len(tok)) for _ in range(400)]):
+        stream = TextStream(tok)
+        pos = 0
+        while pos < len(ids):
+            step = rng.randint(1, 5)
+            stream.push(ids[pos : pos + step])
+            pos += step
+            assert stream.text == tok.decode(ids[:pos], skip_special_tokens=True)
