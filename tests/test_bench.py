@@ -54,3 +54,7 @@ def test_bad_workloads_are_clear_errors(tmp_path):
     bad.write_text('{"category": "x"}\n')
     with pytest.raises(SpecDecError, match="line 1"):
         load_workload(str(bad))
+    for text, message in (('{"prompt": "a"}\n{broken\n', "line 2: not JSON"), ('["a list"]\n', "line 1: needs a JSON object")):
+        bad.write_text(text)
+        with pytest.raises(SpecDecError, match=message):
+            load_workload(str(bad))

@@ -4,13 +4,13 @@ A row is {"prompt": str, "category": str, "id": str?} or {"messages": [...], "ca
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..errors import SpecDecError
+from ..jsonl import jsonl_rows
 
 BUILTIN = ("grounded", "code", "open")
 
@@ -56,13 +56,9 @@ def _read(path: Path) -> list[WorkloadPrompt]:
 
 def _parse(text: str, source: str) -> list[WorkloadPrompt]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpecDecError(f"{source}, line {number}: not JSON ({exc.msg})") from None
+    for number, row in jsonl_rows(text, source):
+        if not isinstance(row, dict):
+            raise SpecDecError(f"{source}, line {number}: needs a JSON object")
         prompt, messages = row.get("prompt"), row.get("messages")
         if not (isinstance(prompt, str) and prompt) and not (isinstance(messages, list) and messages):
             raise SpecDecError(f"{source}, line {number}: needs a non-empty 'prompt' string or 'messages' list")

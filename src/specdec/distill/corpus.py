@@ -7,7 +7,6 @@ BOS token, the context the target itself is used with.
 from __future__ import annotations
 
 import gzip
-import json
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import SpecDecError
+from ..jsonl import jsonl_rows
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl", ".jsonl.gz", ".json")
 BUILTIN = {
@@ -73,13 +73,7 @@ def _read_file(path: Path) -> Iterator[str]:
     except OSError as exc:
         raise SpecDecError(f"cannot read training data {str(path)!r}: {exc}") from None
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SpecDecError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+        for _, row in jsonl_rows(text, str(path)):
             yield from _strings(row)
     else:
         yield text
