@@ -88,6 +88,7 @@ class CompactDecoder:
         if getattr(config, "attn_logit_softcapping", None) is not None:
             raise UnsupportedArchitecture("attention logit soft-capping is not supported")
         self.name = name
+        self.model = model  # the transformers module whose weights this runs (peers compare against it)
         self.vocab_size = vocab_size
         self.output_token_ids = output_token_ids
         self.eos_token_ids = frozenset(eos_token_ids)

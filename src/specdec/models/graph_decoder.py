@@ -53,7 +53,6 @@ class GraphDecoder(CompactDecoder):
     def __init__(self, model: nn.Module, name: str, dtype: torch.dtype, eos_token_ids: set[int],
                  vocab_size: int, capacity: int = DEFAULT_CAPACITY) -> None:
         super().__init__(model, name, dtype, eos_token_ids, vocab_size)
-        self.model = model  # the transformers module it reads its weights from (the bench's peers run it)
         self.capacity = min(capacity, self.max_context)
         self.max_context = self.capacity
         self._free: list[_Slot] = []
