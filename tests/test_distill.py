@@ -171,6 +171,14 @@ def test_missing_or_empty_data_gets_a_clear_error(target_dir, tmp_path, capsys, 
     assert message in capsys.readouterr().err
 
 
+def test_a_bfloat16_target_distils_on_cpu(target_dir, data_file, tmp_path):
+    # half-precision targets train under autocast with float32 master weights
+    assert main(["distill", "--target", str(target_dir), "--data", str(data_file), "--out", str(tmp_path),
+                 "--layers", "1", "--draft-vocab", "300", "--steps", "3", "--seq-len", "32", "--device", "cpu",
+                 "--dtype", "bfloat16", "--eval-prompts", "0"]) == 0
+    assert (tmp_path / "model.safetensors").exists()
+
+
 def test_initial_layers_take_the_first_and_the_last():
     assert initial_layers(18, 1) == [0]
     assert initial_layers(18, 2) == [0, 17]

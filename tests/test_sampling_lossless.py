@@ -115,3 +115,21 @@ def test_same_seed_gives_same_sample(pair):
     b = engine.generate(PROMPT, max_new_tokens=20, temperature=1.0, seed=5).token_ids
     c = engine.generate(PROMPT, max_new_tokens=20, temperature=1.0, seed=6).token_ids
     assert a == b and a != c
+
+
+def test_distilled_draft_sampling_follows_target_law(pair, tmp_path):
+    # A draft directory made by specdec distill, loaded onto the float64 target: its head scores
+    # 6 of 16 tokens, so q is zero elsewhere and those samples come from the residual.
+    from specdec.distill.train import TrainingConfig, distil
+    from specdec.models.distilled_draft import TargetIdentity, load_distilled_draft
+
+    target, _ = pair
+    text = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    distil(target.model, TargetIdentity.of(target.model, VOCAB, None), text, tmp_path,
+           TrainingConfig(layers=1, steps=4, batch_size=4, progress=False), torch.tensor([0, 2, 4, 6, 8, 10]))
+    draft = load_distilled_draft(tmp_path, target, None)
+    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=6, num_draft_tokens=2)
+    engine = Engine(target, drafter="model", draft_model=draft)
+    counts = sample_counts(engine, params, 2000, seed0=4242)
+    assert_fits(counts, exact_two_token_law(target, params))
+    assert engine.generate(PROMPT, max_new_tokens=4, temperature=1.0, seed=1).stats.drafted_tokens > 0

@@ -75,8 +75,11 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
     layer_ids = initial_layers(target.config.get_text_config().num_hidden_layers, config.layers)
     draft = build_draft_module(target, layer_ids)
     params = trainable_parameters(draft)
-    for p in params:  # master weights in float32 even for a bfloat16 target (autocast computes)
-        p.data = p.data.float()
+    # A half-precision target trains its draft under autocast with float32 master weights;
+    # a float32 or float64 target trains in its own precision.
+    low_precision = target.dtype in (torch.bfloat16, torch.float16)
+    for p in params:
+        p.data = p.data.float() if low_precision else p.data
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.98))
     schedule = _schedule(config.steps)
@@ -93,8 +96,7 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
     softcap = getattr(target.config.get_text_config(), "final_logit_softcapping", None)
     generator = torch.Generator().manual_seed(config.seed)
     order = _batches(sequences.shape[0], config.batch_size, generator, skip=start_step)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if device.type == "cuda" and target.dtype != torch.float32 else contextlib.nullcontext())
+    autocast = torch.autocast(device.type, dtype=target.dtype) if low_precision else contextlib.nullcontext()
     losses: list[float] = []
     tokens = 0
     started = time.perf_counter()
