@@ -121,7 +121,7 @@ def _distill(args: argparse.Namespace) -> int:
         sequences = torch.cat([sequences, generated])
     token_map = token_map_from(sequences, args.draft_vocab, target.vocab_size, set(target.eos_token_ids))
     identity = TargetIdentity.of(target.model, target.vocab_size, tokenizer)
-    config = TrainingConfig(layers=args.layers, draft_vocab=args.draft_vocab, steps=args.steps,
+    config = TrainingConfig(layers=args.layers, steps=args.steps,
                             batch_size=args.batch_size, learning_rate=args.lr,
                             checkpoint_every=args.checkpoint_every, seed=args.seed, storage=args.storage)
     details = {"data": args.data, "generated_tokens": int(args.generated_tokens), "target": args.target or "default"}

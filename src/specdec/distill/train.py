@@ -21,8 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import SpecDecError
-from ..models.distilled_draft import (TargetIdentity, build_draft_module, initial_layers, save_draft,
-                                      trainable_parameters)
+from ..models.distilled_draft import (TargetIdentity, body_of, build_draft_module, initial_layers, save_draft,
+                                      trainable_parameters, trained_state)
 
 log = logging.getLogger("specdec")
 
@@ -32,7 +32,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 @dataclass
 class TrainingConfig:
     layers: int = 2
-    draft_vocab: int = 16384
     steps: int = 1000
     batch_size: int = 8
     learning_rate: float = 5e-4
@@ -105,9 +104,9 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
     for step in range(start_step, config.steps):
         batch = sequences[next(order)].to(device)
         with torch.no_grad(), autocast:
-            teacher = _logits(_body(target), batch, head_rows, softcap).float().log_softmax(-1)
+            teacher = _logits(body_of(target), batch, head_rows, softcap).float().log_softmax(-1)
         with autocast:
-            student = _logits(_body(draft), batch, head_rows, softcap).float().log_softmax(-1)
+            student = _logits(body_of(draft), batch, head_rows, softcap).float().log_softmax(-1)
         # KL(p || q) summed over the token map, averaged over positions.
         loss = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
         if not torch.isfinite(loss):
@@ -142,10 +141,6 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
     }, storage=config.storage)
     checkpoint_path.unlink(missing_ok=True)
     return result
-
-
-def _body(model: nn.Module) -> nn.Module:
-    return getattr(model, model.base_model_prefix)
 
 
 def _head_rows(target: nn.Module, token_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -198,7 +193,7 @@ def _checkpoint(path: Path, draft: nn.Module, optimizer: torch.optim.Optimizer, 
                 layer_ids: list[int], step: int, totals: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "layer_ids": layer_ids, "token_map": token_map.cpu(), "totals": totals,
-             "trainable": {k: v for k, v in _body(draft).state_dict().items() if k.startswith(("layers.", "norm."))},
+             "trainable": trained_state(draft),
              "optimizer": optimizer.state_dict()}
     staged = path.with_suffix(".tmp")
     torch.save(state, staged)
@@ -214,6 +209,6 @@ def _restore(path: Path, draft: nn.Module, optimizer: torch.optim.Optimizer, tok
     if state["layer_ids"] != layer_ids or not torch.equal(state["token_map"], token_map.cpu()):
         raise SpecDecError(f"the checkpoint in {path} was made with other settings (--layers, --draft-vocab or "
                            "data): use the same ones, or delete it to start over")
-    _body(draft).load_state_dict(state["trainable"], strict=False)
+    body_of(draft).load_state_dict(state["trainable"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"]), state["totals"]

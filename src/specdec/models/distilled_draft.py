@@ -76,7 +76,7 @@ def build_draft_module(target: nn.Module, layer_ids: list[int]) -> nn.Module:
     (copied: they will be trained) and its embedding and head (shared: they stay frozen)."""
     config = _draft_config(target.config, layer_ids)
     draft = _empty_module(type(target), config)
-    body, target_body = _body(draft), _body(target)
+    body, target_body = body_of(draft), body_of(target)
     for i, j in enumerate(layer_ids):
         draft_layer = body.layers[i]
         draft_layer.load_state_dict(target_body.layers[j].state_dict())
@@ -86,8 +86,14 @@ def build_draft_module(target: nn.Module, layer_ids: list[int]) -> nn.Module:
     return draft
 
 
+def trained_state(draft: nn.Module) -> dict[str, torch.Tensor]:
+    """What distillation changes (layers and final norm), keyed relative to the decoder body."""
+    return {name: tensor for name, tensor in body_of(draft).state_dict().items()
+            if name.startswith(("layers.", "norm."))}
+
+
 def trainable_parameters(draft: nn.Module) -> list[nn.Parameter]:
-    body = _body(draft)
+    body = body_of(draft)
     return [p for module in (body.layers, body.norm) for p in module.parameters()]
 
 
@@ -106,9 +112,7 @@ def save_draft(directory: Path, draft: nn.Module, token_map: torch.Tensor, ident
     directory.mkdir(parents=True, exist_ok=True)
     prefix = draft.base_model_prefix
     weights: dict[str, torch.Tensor] = {}
-    for name, tensor in _body(draft).state_dict().items():
-        if not name.startswith(("layers.", "norm.")):
-            continue
+    for name, tensor in trained_state(draft).items():
         tensor = tensor.detach().to("cpu", torch.float32)
         if storage == "int8" and tensor.dim() == 2:
             scale = tensor.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
@@ -191,7 +195,7 @@ def _empty_module(cls: type, config: Any) -> nn.Module:
     return module
 
 
-def _body(model: nn.Module) -> nn.Module:
+def body_of(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
