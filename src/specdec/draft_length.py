@@ -63,6 +63,16 @@ class DraftLengthPolicy:
                 return 1
         return best
 
+    @property
+    def adaptive(self) -> bool:
+        """False when k is fixed by the request, or bound to the seed (timing-free)."""
+        return self.fixed is None and not self._timing_free
+
+    @property
+    def draft_cost_per_token(self) -> float:
+        """Smoothed seconds per drafted token (0 until measured, and for free drafters)."""
+        return self._draft_s_per_token or 0.0
+
     def expected_tokens(self, k: int) -> float:
         a = min(self.acceptance, 0.999)
         return (1.0 - a ** (k + 1)) / (1.0 - a)
@@ -99,3 +109,98 @@ class DraftLengthPolicy:
             per_token = draft_s / num_drafted
             old = self._draft_s_per_token
             self._draft_s_per_token = per_token if old is None else 0.7 * old + 0.3 * per_token
+
+
+class BatchDraftPlanner:
+    """k for every sequence of a batch that verifies in one target pass.
+
+    Under load the verify pass is no longer a fixed cost: each drafted position adds a row
+    to a pass over every sequence, and on a busy pass a row costs real compute. So k is
+    chosen for the batch as a whole, to maximise expected tokens per second of the step:
+
+        rate = sum_i E_i(k_i) / (T_verify(rows) + sum_i k_i * T_draft_i),  rows = sum_i (k_i + 1)
+
+    Draft positions are added one at a time, each to the sequence whose next position
+    gains most per second of cost (sequence i's (k_i+1)-th draft adds a_i^(k_i+1) expected
+    tokens), while the rate still rises. As the pass gets dearer or acceptance falls,
+    positions drop out one by one down to plain decoding (every k_i = 0): no cliff.
+
+    T_verify(rows) is measured per row count and interpolated; outside what was measured
+    it is extended at the measured slope (flat until two counts are known, which makes
+    the planner try a longer pass once and learn its cost). Sequences whose k is fixed
+    (by the request, or by a seed that must reproduce) keep their own.
+    """
+
+    def __init__(self, maximum: int = MAX_DRAFT_TOKENS) -> None:
+        self.maximum = maximum
+        self._verify_s: dict[int, float] = {}  # rows in the pass -> smoothed seconds
+        self._steps_off: dict[int, int] = {}  # id(policy) -> consecutive steps with k = 0
+
+    def plan(self, policies: list[DraftLengthPolicy], budgets: list[int]) -> list[int]:
+        """One k per sequence; budgets: room left for draft tokens (see DraftLengthPolicy.next)."""
+        ks = [0] * len(policies)
+        flexible = []
+        for i, (policy, budget) in enumerate(zip(policies, budgets)):
+            if policy.adaptive:
+                flexible.append(i)
+            else:
+                ks[i] = policy.next(budget)
+        if not self._verify_s:  # nothing measured yet: start where a lone sequence starts
+            for i in flexible:
+                ks[i] = min(INITIAL_DRAFT_TOKENS, self.maximum, max(0, budgets[i]))
+            return ks
+        rows = sum(k + 1 for k in ks)
+        tokens = sum(policies[i].expected_tokens(ks[i]) if i not in flexible else 1.0 for i in range(len(ks)))
+        cost = self.verify_cost(rows) + sum(policies[i].draft_cost_per_token * ks[i] for i in range(len(ks)))
+        while True:
+            extra_row = self.verify_cost(rows + 1) - self.verify_cost(rows)
+            best, best_gain, best_cost = None, 0.0, 0.0
+            for i in flexible:
+                if ks[i] >= min(self.maximum, budgets[i]):
+                    continue
+                gain = min(policies[i].acceptance, 0.999) ** (ks[i] + 1)
+                extra = extra_row + policies[i].draft_cost_per_token
+                if best is None or gain * best_cost > best_gain * extra:
+                    best, best_gain, best_cost = i, gain, extra
+            if best is None or (tokens + best_gain) * cost <= tokens * (cost + best_cost):
+                break
+            ks[best] += 1
+            rows, tokens, cost = rows + 1, tokens + best_gain, cost + best_cost
+        return self._probe(policies, budgets, flexible, ks)
+
+    def _probe(self, policies, budgets, flexible, ks) -> list[int]:
+        # A sequence left at k = 0 still needs an acceptance estimate that can recover.
+        seen = {id(policies[i]) for i in flexible}
+        self._steps_off = {key: n for key, n in self._steps_off.items() if key in seen}
+        for i in flexible:
+            key = id(policies[i])
+            self._steps_off[key] = self._steps_off.get(key, 0) + 1 if ks[i] == 0 else 0
+            if ks[i] == 0 and budgets[i] > 0 and self._steps_off[key] % PROBE_EVERY == 0:
+                ks[i] = 1
+        return ks
+
+    def observe(self, rows: int, seconds: float) -> None:
+        old = self._verify_s.get(rows)
+        self._verify_s[rows] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    def verify_cost(self, rows: int) -> float:
+        if rows in self._verify_s:
+            return self._verify_s[rows]
+        counts = sorted(self._verify_s)
+        below = [n for n in counts if n < rows]
+        above = [n for n in counts if n > rows]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            w = (rows - lo) / (hi - lo)
+            return (1 - w) * self._verify_s[lo] + w * self._verify_s[hi]
+        edge = below[-1] if below else above[0]
+        return max(0.0, self._verify_s[edge] + self._slope() * (rows - edge))
+
+    def _slope(self) -> float:
+        """Least-squares seconds per row over the measured counts (0 with fewer than two)."""
+        if len(self._verify_s) < 2:
+            return 0.0
+        xs, ys = list(self._verify_s), list(self._verify_s.values())
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        return max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)

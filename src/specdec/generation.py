@@ -36,6 +36,13 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
 
 
+@dataclass(frozen=True)
+class DraftedStep:
+    proposal: DraftProposal
+    verify_ids: torch.Tensor  # [k+1]: the last accepted token, then the k drafts
+    draft_s: float  # seconds the proposal took
+
+
 @dataclass
 class GenerationOutput:
     text: str
@@ -78,39 +85,57 @@ class Generation:
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> StepOutput:
+        draft = self.draft()
+        started = time.perf_counter()
+        target_logits = self.target.forward(draft.verify_ids, self.cache, num_logits=draft.verify_ids.shape[0])
+        return self.conclude(draft, target_logits, started)
+
+    def draft(self, k: int | None = None) -> "DraftedStep":
+        """Propose this step's draft (k tokens, or the policy's choice) and return what the
+        target must verify: a batch (batching.py) verifies many sequences in one pass."""
         if self.finished:
             raise RuntimeError("generation already finished")
         if self._started is None:
             self._prefill()
         started = time.perf_counter()
-        proposal = self._propose()
+        proposal = self._propose(k)
         if self._synchronize is not None:  # GPU work is asynchronous: the draft's time is its finish
             self._synchronize()
-        proposed = time.perf_counter()
-        target_logits = self._verify(proposal)
-        verdict = self._accept(target_logits, proposal)
-        verified = time.perf_counter()  # after accept: its host read waits for the device's work
-        self._commit(proposal, verdict, draft_s=proposed - started, verify_s=verified - proposed)
-        return self._emit(proposal, verdict)
+        # Draft tokens stay where the drafter made them: a GPU draft is not waited for here.
+        device = proposal.tokens.device
+        verify_ids = torch.cat([self.tokens[self.length - 1 : self.length].to(device), proposal.tokens])  # [k+1]
+        return DraftedStep(proposal, verify_ids, time.perf_counter() - started)
+
+    def conclude(self, draft: "DraftedStep", target_logits: torch.Tensor,
+                 verify_started: float | None = None) -> StepOutput:
+        """target_logits: [k+1, vocab] of the verify pass over draft.verify_ids, whose keys and
+        values are now in this sequence's cache. Accept, rewind, emit. verify_started: when
+        this sequence's own verify pass began (None in a shared pass: the batch times that)."""
+        verdict = self._accept(target_logits, draft.proposal)
+        # After accept: its host read waits for the device's work.
+        verify_s = None if verify_started is None else time.perf_counter() - verify_started
+        self._commit(draft.proposal, verdict, draft_s=draft.draft_s, verify_s=verify_s)
+        return self._emit(draft.proposal, verdict)
 
     def _prefill(self) -> None:
         self._started = time.perf_counter()
         self.target.prefill(self.tokens[: self.length - 1], self.cache)
         self.stats.prefill_time_s = time.perf_counter() - self._started
 
-    def _propose(self) -> DraftProposal:
-        # Each step emits up to k+1 tokens: keep k+1 within the token budget and the context.
-        budget = self.max_length - self.length - 1
-        k = self.policy.next(budget) if self.drafter is not None else 0
+    @property
+    def draft_budget(self) -> int:
+        """Most tokens the next step may draft: it emits up to k+1, within the token budget
+        and the context; 0 without a drafter."""
+        return 0 if self.drafter is None else max(0, self.max_length - self.length - 1)
+
+    def _propose(self, k: int | None) -> DraftProposal:
+        budget = self.draft_budget
+        if budget == 0:
+            return empty_proposal()
+        k = self.policy.next(budget) if k is None else min(k, budget)
         if k == 0:
             return empty_proposal()
         return self.drafter.propose(self.tokens[: self.length], k, self.params, self.generator)
-
-    def _verify(self, proposal: DraftProposal) -> torch.Tensor:
-        # Draft tokens stay where the drafter made them: a GPU draft is not waited for here.
-        device = proposal.tokens.device
-        verify_ids = torch.cat([self.tokens[self.length - 1 : self.length].to(device), proposal.tokens])  # [k+1]
-        return self.target.forward(verify_ids, self.cache, num_logits=verify_ids.shape[0])  # [k+1, vocab]
 
     def _accept(self, target_logits: torch.Tensor, proposal: DraftProposal) -> Verdict:
         draft_tokens = proposal.tokens.to(target_logits.device)
@@ -120,7 +145,7 @@ class Generation:
         draft_probs = proposal.probs.to(target_logits.device) if proposal.probs is not None else None
         return verify_sampled(target_probs, draft_tokens, draft_probs, self.generator)
 
-    def _commit(self, proposal: DraftProposal, verdict: Verdict, draft_s: float, verify_s: float) -> None:
+    def _commit(self, proposal: DraftProposal, verdict: Verdict, draft_s: float, verify_s: float | None) -> None:
         # The cache now holds [.., last, d1..dk]; keep [.., last, d1..dn].
         self.target.rewind(self.cache, self.length + verdict.num_accepted)
         num_drafted = proposal.tokens.shape[0]

@@ -35,3 +35,13 @@ class CausalLM(Protocol):
 
     def rewind(self, cache: Any, length: int) -> None:
         """Forget every cached position at or after `length`."""
+
+
+def forward_batch(model: CausalLM, token_ids: list[torch.Tensor], caches: list[Any],
+                  num_logits: list[int]) -> list[torch.Tensor]:
+    """Feed each sequence its new tokens [n_i]; logits [num_logits_i, columns] each. Models
+    that can (compact and graph decoders) run one pass over all rows; others one per sequence."""
+    batched = getattr(model, "forward_batch", None)
+    if batched is not None:
+        return batched(token_ids, caches, num_logits)
+    return [model.forward(t, c, m) for t, c, m in zip(token_ids, caches, num_logits)]

@@ -16,6 +16,7 @@ verifies every token. Supported families: Llama, Qwen2, Gemma 3 (text); others r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,12 @@ class _Layer:
     rope: int  # index into the decoder's rotary frequency tables
     sliding_window: int | None
     scaling: float
+
+
+@dataclass(frozen=True)
+class _Segment:
+    positions: torch.Tensor  # [n] float32: the sequence's positions in this pass
+    attend: Callable[..., torch.Tensor]  # (layer, index, q, k, v) -> [n, heads * head_dim]
 
 
 class CompactCache:
@@ -181,23 +188,65 @@ class CompactDecoder:
         cache.extra_head = rows if cache.extra_head is None else torch.cat([cache.extra_head, rows])
         cache.column_token_ids = torch.cat([self.output_token_ids, cache.extra_token_ids])
 
+    # ---- batches -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_batch(self, token_ids: list[torch.Tensor], caches: list, num_logits: list[int]) -> list[torch.Tensor]:
+        """Several sequences' new tokens in one pass: the projections run over all their rows
+        at once (one read of the weights), attention runs per sequence over its own cache.
+        Returns each sequence's logits [num_logits_i, columns]."""
+        if len(token_ids) == 1:
+            return [self.forward(token_ids[0], caches[0], num_logits[0])]
+        if any(t.shape[0] > PREFILL_CHUNK for t in token_ids):
+            return [self.forward(t, c, m) for t, c, m in zip(token_ids, caches, num_logits)]
+        hidden = self._packed_body(token_ids, caches)  # [sum n_i, hidden]
+        ends = torch.tensor([t.shape[0] for t in token_ids]).cumsum(0).tolist()
+        rows = [hidden[end - m : end] for end, m in zip(ends, num_logits)]
+        extra_heads = [getattr(c, "extra_head", None) for c in caches]
+        if any(head is not None for head in extra_heads):  # per-sequence columns: one head each
+            return [self._logits(h, head) for h, head in zip(rows, extra_heads)]
+        return list(self._logits(torch.cat(rows)).split(num_logits))
+
     # ---- the decoder -------------------------------------------------------------------------
     def _body(self, token_ids: torch.Tensor, cache: CompactCache) -> torch.Tensor:
-        n, start = token_ids.shape[0], cache.length
-        cache.reserve(start + n)
-        hidden = self.embedding(token_ids.to(self.device)).float()  # [n, hidden], the residual stream
-        positions = torch.arange(start, start + n, device=self.device, dtype=torch.float32)
+        return self._packed_body([token_ids], [cache])
+
+    def _packed_body(self, token_ids: list[torch.Tensor], caches: list) -> torch.Tensor:
+        """token_ids: each sequence's new tokens [n_i]; their rows are stacked in that order."""
+        sizes = [t.shape[0] for t in token_ids]
+        segments = [self._segment(cache, n) for cache, n in zip(caches, sizes)]
+        hidden = self.embedding(torch.cat(token_ids).to(self.device)).float()  # [sum n_i, hidden]: the residual stream
+        positions = torch.cat([segment.positions for segment in segments])
         rotary = [_cos_sin(positions, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
-        masks: dict[int | None, torch.Tensor | None] = {}
+
+        def attend(layer: _Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            parts = zip(segments, q.split(sizes), k.split(sizes), v.split(sizes))
+            return torch.cat([segment.attend(layer, index, *qkv) for segment, *qkv in parts])  # [sum n_i, heads * d]
+
         for i, layer in enumerate(self._layers):
-            if layer.sliding_window not in masks:
-                masks[layer.sliding_window] = _mask(start, n, layer.sliding_window, self.device)
-            hidden = self._layer(layer, hidden, cache, i, start, rotary[layer.rope], masks[layer.sliding_window])
-        cache.length = start + n
+            hidden = self._layer(layer, i, hidden, rotary[layer.rope], attend)
+        for cache, n in zip(caches, sizes):
+            cache.length += n
         return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
 
-    def _layer(self, layer: _Layer, hidden: torch.Tensor, cache: CompactCache, index: int, start: int,
-               rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    def _segment(self, cache: CompactCache, n: int) -> "_Segment":
+        """One sequence's part of a pass: its positions, and attention over its own cache."""
+        start = cache.length
+        cache.reserve(start + n)
+        masks: dict[int | None, torch.Tensor | None] = {}
+
+        def attend(layer: _Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            window = layer.sliding_window
+            if window not in masks:
+                masks[window] = _mask(start, n, window, self.device)
+            out = self._attend(layer, q, k, v, cache, index, start, masks[window])  # [heads, n, d]
+            return out.transpose(0, 1).reshape(n, self._heads * self._head_dim)
+
+        positions = torch.arange(start, start + n, device=self.device, dtype=torch.float32)
+        return _Segment(positions, attend)
+
+    def _layer(self, layer: _Layer, index: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+               attend) -> torch.Tensor:
+        """hidden: [rows, hidden]; attend(layer, index, q, k, v) -> [rows, heads * head_dim]."""
         n, d = hidden.shape[0], self._head_dim
         x = F.rms_norm(hidden, (hidden.shape[-1],), layer.input_norm, self._eps).to(self.dtype)
         qkv = _linear(x, layer.qkv)
@@ -212,8 +261,7 @@ class CompactDecoder:
             q, k, v = qkv.split([self._heads, self._kv_heads, self._kv_heads], dim=1)
             q = _rotate(F.rms_norm(q, (d,), layer.q_norm, self._eps), cos, sin)
             k = _rotate(F.rms_norm(k, (d,), layer.k_norm, self._eps), cos, sin)
-        attention = self._attend(layer, q, k, v, cache, index, start, mask)  # [heads, n, d]
-        out = _linear(attention.transpose(0, 1).reshape(n, self._heads * d), layer.o).float()
+        out = _linear(attend(layer, index, q, k, v), layer.o).float()
         if layer.post_attention_norm is not None:
             out = F.rms_norm(out, (out.shape[-1],), layer.post_attention_norm, self._eps)
         hidden = hidden + out

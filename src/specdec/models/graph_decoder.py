@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compact_decoder import CompactDecoder, _cos_sin, _Layer
+from .compact_decoder import CompactDecoder, _cos_sin, _Layer, _Segment
 
 GRAPH_MAX_TOKENS = 16  # steps feeding more tokens than this (prompts) run eagerly
 DEFAULT_CAPACITY = 4096  # positions per sequence; the model's max_context is capped to it
@@ -147,8 +147,32 @@ class GraphDecoder(CompactDecoder):
             if window not in masks:
                 visible = causal if window is None else causal & (keys > positions[:, None] - window)
                 masks[window] = self._grouped_mask(visible)
-            hidden = self._layer(layer, hidden, slot, i, positions, rotary[layer.rope], masks[window])
+            hidden = self._layer(layer, i, hidden, rotary[layer.rope], self._attention(slot, positions, masks[window]))
         return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
+
+    def _attention(self, slot: _Slot, positions: torch.Tensor, mask: torch.Tensor):
+        """attend(layer, index, q, k, v) -> [n, heads * head_dim] for one sequence's rows."""
+        def attend(layer: _Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = self._attend(layer, q, k, v, slot, index, positions, mask)  # [heads, n, d]
+            return out.transpose(0, 1).reshape(q.shape[0], self._heads * self._head_dim)
+        return attend
+
+    def _segment(self, cache: StaticCache, n: int) -> _Segment:
+        """One sequence of an eager batched pass (compact_decoder.forward_batch)."""
+        self._check_room(cache, n)
+        positions = torch.arange(cache.length, cache.length + n, device=self.device)
+        keys = self._key_positions[None]
+        causal = keys <= positions[:, None]  # [n, capacity]
+        masks: dict[int | None, torch.Tensor] = {}
+
+        def attend(layer: _Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            window = layer.sliding_window
+            if window not in masks:
+                visible = causal if window is None else causal & (keys > positions[:, None] - window)
+                masks[window] = self._grouped_mask(visible)
+            return self._attention(cache.slot, positions, masks[window])(layer, index, q, k, v)
+
+        return _Segment(positions.float(), attend)
 
     def _grouped_mask(self, visible: torch.Tensor) -> torch.Tensor:
         """[n, capacity] visibility -> an additive mask for the grouped queries of _attend,
