@@ -22,6 +22,7 @@ from ..generation import GenerationOutput, StepOutput
 from ..sampling_params import SamplingParams
 from . import protocol
 from .metrics import ServerMetrics
+from ..batching import BatchStepper
 from .scheduler import QueueFullError, RequestHandle, Scheduler
 
 log = logging.getLogger("specdec.server")
@@ -52,7 +53,7 @@ class APIError(Exception):
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics()
-    scheduler = Scheduler(metrics, config.max_running, config.max_waiting)
+    scheduler = Scheduler(metrics, BatchStepper(engine.target), config.max_running, config.max_waiting)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

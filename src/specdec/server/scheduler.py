@@ -1,24 +1,23 @@
-"""Admit requests, step running generations round-robin on one worker thread, stream results back.
+"""Admit requests, step the running generations as one batch on one worker thread, stream results back.
 
 The event loop never runs model code: handlers submit a `Generation` and await its steps.
-At most `max_running` generations advance at once (one step each per round, so concurrent
-streams progress together); up to `max_waiting` more wait in a bounded queue, and beyond
-that a request is refused at once (HTTP 429). A cancelled request (client gone) is dropped
-at the next step boundary.
+At most `max_running` generations advance at once, together: each round is one batched
+step (batching.py: every sequence drafts, one target pass verifies them all), so the
+weights are read once per round, not once per request. Up to `max_waiting` more wait in
+a bounded queue, and beyond that a request is refused at once (HTTP 429). Requests join
+and leave between rounds; a cancelled request (client gone) is dropped at the next one.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
+from ..batching import BatchStepper
 from ..generation import Generation, StepOutput
 from .metrics import ServerMetrics
-
-log = logging.getLogger("specdec.server")
 
 
 class QueueFullError(Exception):
@@ -56,10 +55,12 @@ class RequestHandle:
 
 
 class Scheduler:
-    def __init__(self, metrics: ServerMetrics, max_running: int = 8, max_waiting: int = 64) -> None:
+    def __init__(self, metrics: ServerMetrics, stepper: BatchStepper, max_running: int = 8,
+                 max_waiting: int = 64) -> None:
         if max_running < 1 or max_waiting < 0:
             raise ValueError("max_running must be >= 1 and max_waiting >= 0")
         self.metrics = metrics
+        self.stepper = stepper
         self.max_running, self.max_waiting = max_running, max_waiting
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._running: list[RequestHandle] = []
@@ -105,27 +106,30 @@ class Scheduler:
                 self.metrics.queue_depth.set(len(self._waiting))
                 self.metrics.running.set(len(self._running))
                 batch = list(self._running)
-            finished = [handle for handle in batch if self._advance(handle)]
+            finished = self._advance(batch)
             if finished:
                 with self._wake:
                     self._running = [h for h in self._running if h not in finished]
                     self.metrics.running.set(len(self._running))
 
-    def _advance(self, handle: RequestHandle) -> bool:
-        """One step of one request; True when it is done (finished, failed or cancelled)."""
-        if handle.cancelled:
+    def _advance(self, batch: list[RequestHandle]) -> list[RequestHandle]:
+        """One batched step of every live request; returns those that are done (finished,
+        failed or cancelled)."""
+        done = [handle for handle in batch if handle.cancelled]
+        for _ in done:
             self.metrics.cancelled.inc()
-            return True
-        try:
-            step = handle.generation.step()
-        except Exception as exc:  # one request's failure must not take the server down
-            log.exception("generation failed")
-            handle._deliver(exc)
-            return True
-        if handle.first_token_at is None and step.token_ids:
-            handle.first_token_at = time.perf_counter()
-            self.metrics.time_to_first_token.observe(handle.first_token_at - handle.arrived)
-        handle._deliver(step)
-        if step.finished:
-            self.metrics.record_finished(handle.generation.stats, time.perf_counter() - handle.arrived)
-        return step.finished
+        live = [handle for handle in batch if not handle.cancelled]
+        results = self.stepper.step([handle.generation for handle in live]) if live else []
+        for handle, result in zip(live, results):
+            if isinstance(result, BaseException):  # that request alone fails (batching.py logged it)
+                handle._deliver(result)
+                done.append(handle)
+                continue
+            if handle.first_token_at is None and result.token_ids:
+                handle.first_token_at = time.perf_counter()
+                self.metrics.time_to_first_token.observe(handle.first_token_at - handle.arrived)
+            handle._deliver(result)
+            if result.finished:
+                self.metrics.record_finished(handle.generation.stats, time.perf_counter() - handle.arrived)
+                done.append(handle)
+        return done
