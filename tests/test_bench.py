@@ -41,6 +41,34 @@ def test_tiny_bench_writes_report_with_every_column(tiny_model_dir, tiny_draft_d
     assert "| run |" in (out / "report.md").read_text()
 
 
+def test_serving_bench_reports_every_load_point_and_speculative_outputs_match_plain(tiny_model_dir, tiny_draft_dir,
+                                                                                  tmp_path):
+    out = tmp_path / "serve"
+    proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--serve", "--target", str(tiny_model_dir),
+                           "--draft", str(tiny_draft_dir), "--drafter", "ngram,model", "--workload", "grounded,code",
+                           "--limit", "2", "--max-new-tokens", "10", "--repeats", "1", "--concurrency", "1,3",
+                           "--request-rate", "50", "--requests", "5", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out / "serving.json").read_text())["rows"]
+    assert {(r["run"], r["pattern"], r["concurrency"]) for r in rows} == {
+        (run, pattern, c) for run in ("plain", "ngram", "model") for pattern, c in (("closed", 1), ("closed", 3),
+                                                                                   ("open", 3))}
+    for row in rows:
+        assert row["requests"] == 5 and 0 < row["generated_tokens"] <= 50 and row["tokens_per_s"] > 0
+        assert row["identical"] == 1.0, row  # each greedy request equals its plain run
+        assert row["latency_p50_s"] <= row["latency_p95_s"] and row["ttft_p50_s"] <= row["latency_p95_s"]
+    assert "vs plain" in proc.stdout and "| run |" in (out / "serving.md").read_text()
+
+
+@pytest.mark.parametrize("flags", [["--concurrency", "0"], ["--concurrency", "two"], ["--request-rate", "-1"]])
+def test_serving_bench_refuses_bad_loads(tiny_model_dir, flags):
+    proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--serve", "--target", str(tiny_model_dir),
+                           "--workload", "grounded", "--limit", "1", *flags], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "expected" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_builtin_workloads_cover_the_three_kinds():
     prompts = load_workload("all")
     assert {p.category for p in prompts} == {"grounded", "code", "open-ended"}

@@ -9,6 +9,7 @@ import torch
 from .engine import Engine
 from .errors import SpecDecError
 from .models.distilled_draft import is_distilled_draft, load_distilled_draft
+from .models.compact_decoder import compact_target_for
 from .models.graph_decoder import graph_decoder_for
 from .models.hf import HFCausalLM
 from .models.loading import load_model, resolve_device, resolve_dtype
@@ -26,6 +27,7 @@ def load(
     draft_vocab: int | None = DEFAULT_DRAFT_VOCAB,
     backend: str = "torch",
     cuda_graphs: bool = True,
+    compact_target: bool = True,
 ) -> Engine:
     """Load a target (None: the embedded default, Gemma 3 270M) and a drafter.
 
@@ -40,6 +42,10 @@ def load(
     GGUF path load on the same backend as the target, others on torch.
     cuda_graphs: on a GPU, run supported architectures (Llama, Qwen2, Gemma 3) with a static
     KV cache and CUDA-graph steps (models/graph_decoder.py); False keeps eager transformers.
+    compact_target: on CPU, run a supported target on the compact decoder
+    (models/compact_decoder.py): the same greedy tokens as transformers on the project's
+    benchmark, as fast for one request, and one packed pass for a batch of requests
+    (the server's); False keeps transformers.
     """
     _ensure_log_handler()
     resolved_device = resolve_device(device)
@@ -69,6 +75,8 @@ def load(
     else:
         draft_model = None
     target_model = loaded_target.model
+    if compact_target:
+        target_model = compact_target_for(target_model)
     if cuda_graphs:
         target_model = graph_decoder_for(target_model)
         draft_model = None if draft_model is None else graph_decoder_for(draft_model)

@@ -80,6 +80,9 @@ def add_model_args(p: argparse.ArgumentParser, several_drafters: bool = False) -
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, run eager transformers instead of the static-cache CUDA-graph path")
+    p.add_argument("--transformers-target", dest="compact_target", action="store_false",
+                   help="on CPU, run the target through transformers instead of the compact decoder "
+                        "(which verifies a batch of requests in one packed pass)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -107,7 +110,7 @@ def load_engine(args: argparse.Namespace):
 
     return load(target=args.target, draft=args.draft, drafter=args.drafter, device=args.device, dtype=args.dtype,
                 self_draft=args.self_draft, draft_vocab=args.draft_vocab or None, backend=args.backend,
-                cuda_graphs=args.cuda_graphs)
+                cuda_graphs=args.cuda_graphs, compact_target=args.compact_target)
 
 
 def sampling_params(args: argparse.Namespace):

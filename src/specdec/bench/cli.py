@@ -31,6 +31,14 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-peers", action="store_true",
                    help="skip the peers: transformers' generate() (torch), llama-cpp-python's own (llama.cpp)")
+    p.add_argument("--serve", action="store_true",
+                   help="serving mode: many requests at once through the batched loop, plain against speculative")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32",
+                   help="serving mode, closed loop: requests in flight, comma-separated (default: 1,2,4,8,16,32)")
+    p.add_argument("--request-rate", default="",
+                   help="serving mode, open loop: Poisson arrivals per second, comma-separated (e.g. 0.5,1,2)")
+    p.add_argument("--requests", type=int,
+                   help="serving mode: requests per load point (default: 2 x concurrency, at least 8)")
     p.add_argument("--out", help="output directory (default: bench-out/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
@@ -53,13 +61,17 @@ def _bench(args: argparse.Namespace) -> int:
     prompts = load_workload(args.workload, args.limit)
     drafters = _parse_drafters(args.drafter, args.draft)
     engine = load(target=args.target, draft=args.draft, drafter="model" if args.draft else "ngram",
-                  device=args.device, dtype=args.dtype, backend=args.backend, cuda_graphs=args.cuda_graphs)
+                  device=args.device, dtype=args.dtype, backend=args.backend, cuda_graphs=args.cuda_graphs,
+                  compact_target=args.compact_target)
     self_draft = None
     if any("self" in d for d in drafters):
         self_draft = self_draft_for(engine.target, engine.tokenizer, args.self_draft, args.draft_vocab or None)
         if args.cuda_graphs:
             self_draft = graph_decoder_for(self_draft)
 
+    if args.serve:
+        variants = [(d, engine.with_drafter(d, self_draft if "self" in d else None)) for d in drafters]
+        return _bench_serving(args, engine, variants, prompts)
     runs = [SpecdecRun(BASELINE, engine.with_drafter("none"), 0, kind="baseline")]
     for drafter in drafters:
         variant = engine.with_drafter(drafter, self_draft if "self" in drafter else None)
@@ -99,6 +111,67 @@ def _bench(args: argparse.Namespace) -> int:
     if mismatched:
         print(f"warning: {len(mismatched)} speculative greedy outputs differed from plain decoding", file=sys.stderr)
     return 0
+
+
+def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
+    import json
+    import statistics
+
+    from .runner import _encode
+    from .serving import serve, serving_table
+
+    loads = [(c, None) for c in _parse_numbers(args.concurrency, int, "--concurrency")]
+    rates = _parse_numbers(args.request_rate, float, "--request-rate") if args.request_rate else []
+    loads += [(max(c for c, _ in loads), r) for r in rates]
+    encoded = [_encode(engine, p) for p in prompts]
+    runs = [("plain", engine.with_drafter("none"))] + variants
+    rows = []
+    for concurrency, rate in loads:
+        count = args.requests or max(8, 2 * concurrency)
+        batch = [encoded[i % len(encoded)] for i in range(count)]
+        points: dict[str, list] = {name: [] for name, _ in runs}
+        outputs: dict[str, list] = {}
+        for repeat in range(args.repeats):  # runs interleaved: drifts in machine speed hit all alike
+            for name, variant in runs:
+                point, tokens = serve(variant, batch, args.max_new_tokens, concurrency, rate, args.temperature,
+                                      args.seed)
+                points[name].append(point)
+                outputs.setdefault(name, tokens)
+        plain = statistics.median(p.tokens_per_s for p in points["plain"])
+        for name, _ in runs:
+            median = sorted(points[name], key=lambda p: p.tokens_per_s)[len(points[name]) // 2]
+            row = median.to_dict() | {"run": name, "throughput_ratio": median.tokens_per_s / plain}
+            if args.temperature == 0:
+                same = [a == b for a, b in zip(outputs[name], outputs["plain"])]
+                row["identical"] = sum(same) / len(same)
+            rows.append(row)
+            if not args.quiet:
+                print(f"load {concurrency if rate is None else f'{rate:g} req/s'}: {name} "
+                      f"{row['tokens_per_s']:.1f} tok/s ({row['throughput_ratio']:.2f}x)", file=sys.stderr)
+    out_dir = Path(args.out or f"bench-out/serving-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(engine.target.device),
+              "target": engine.target.name, "workload": args.workload, "prompts": len(prompts),
+              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "temperature": args.temperature,
+              "command": "specdec " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    (out_dir / "serving.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
+    (out_dir / "serving.md").write_text(
+        f"# Serving benchmark\n\n{config['machine']}, {config['date']}\n\n`{config['command']}`\n\n"
+        f"Throughput is the median of {args.repeats} runs; ratios are against plain decoding at the same load.\n\n"
+        + serving_table(rows, markdown=True) + "\n")
+    print(serving_table(rows))
+    print(f"\nreport: {out_dir / 'serving.md'}", file=sys.stderr)
+    return 0
+
+
+def _parse_numbers(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SpecDecError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise SpecDecError(f"{flag}: expected positive numbers, got {text!r}")
+    return values
 
 
 def _parse_drafters(text: str | None, draft: str | None) -> list[str]:

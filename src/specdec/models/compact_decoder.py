@@ -368,3 +368,17 @@ def _mask(start: int, n: int, window: int | None, device: torch.device) -> torch
     if window is not None:
         visible &= key > query - window
     return visible
+
+
+def compact_target_for(model):
+    """The target on the compact decoder, for a `transformers` model on CPU: one packed pass
+    verifies a whole batch of requests (forward_batch). The model unchanged where that does
+    not apply (GPU: graph_decoder_for; llama.cpp; other architectures; subset heads)."""
+    from .hf import HFCausalLM
+
+    if not isinstance(model, HFCausalLM) or model.device.type != "cpu" or model.output_token_ids is not None:
+        return model
+    try:
+        return CompactDecoder(model.model, model.name, model.dtype, set(model.eos_token_ids), model.vocab_size)
+    except UnsupportedArchitecture:
+        return model

@@ -1,0 +1,139 @@
+"""`specdec bench --serve`: many requests at once, plain against speculative, as a server runs them.
+
+The loop is the server's (server/scheduler.py) without HTTP: requests arrive, at most
+`max_running` advance together by batched steps (batching.BatchStepper), finished ones leave
+and waiting ones join between steps. Two arrival patterns:
+  closed loop  `concurrency` requests in flight at all times (each finished one is replaced);
+  open loop    requests arrive at random (Poisson) times at `rate` per second, seeded.
+Reported per configuration: throughput (generated tokens per second of wall time), per-request
+latency and time to first token (p50, p95), acceptance, and whether each greedy output equals
+the plain run's output for the same request.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..batching import BatchStepper
+from ..engine import Engine
+from ..sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ServingPoint:
+    run: str  # "plain" or the drafter's name
+    pattern: str  # "closed" or "open"
+    concurrency: int  # max requests in flight
+    rate: float | None  # open loop: requests per second
+    requests: int
+    generated_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    acceptance_rate: float | None
+    mean_draft_tokens: float  # drafted tokens per sequence-step
+    identical: float | None  # share of greedy outputs equal to the plain run's
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    arrival_s: float  # offset from the start of the run
+
+
+def serve(engine: Engine, prompts: list[list[int]], max_new_tokens: int, concurrency: int,
+          rate: float | None = None, temperature: float = 0.0, seed: int = 0,
+          stepper: BatchStepper | None = None) -> tuple[ServingPoint, list[list[int]]]:
+    """Run every prompt once through the batched loop; returns the point and each request's tokens."""
+    arrivals = _arrivals(len(prompts), rate, seed)
+    requests = [_Request(p, a) for p, a in zip(prompts, arrivals)]
+    stepper = stepper or BatchStepper(engine.target)
+    waiting, running = list(range(len(requests))), []  # running: (index, generation, started offset)
+    outputs: dict[int, Any] = {}
+    first_token: dict[int, float] = {}
+    drafted_steps = drafted = accepted = 0
+    start = time.perf_counter()
+    while waiting or running:
+        now = time.perf_counter() - start
+        while waiting and len(running) < concurrency and requests[waiting[0]].arrival_s <= now:
+            i = waiting.pop(0)
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                    seed=None if temperature == 0 else seed + i)
+            running.append((i, engine.start(requests[i].prompt_ids, params)))
+        if not running:  # open loop, idle until the next arrival
+            time.sleep(max(0.0, requests[waiting[0]].arrival_s - now))
+            continue
+        results = stepper.step([g for _, g in running])
+        done_at = time.perf_counter() - start
+        for (i, generation), result in zip(running, results):
+            if isinstance(result, BaseException):
+                raise result
+            if result.token_ids and i not in first_token:
+                first_token[i] = done_at
+            if result.finished:
+                outputs[i] = (generation.output(), done_at)
+        running = [(i, g) for i, g in running if i not in outputs]
+    wall = time.perf_counter() - start
+    stats = [outputs[i][0].stats for i in range(len(requests))]
+    for s in stats:
+        drafted += s.drafted_tokens
+        accepted += s.accepted_tokens
+        drafted_steps += s.target_forward_passes
+    latencies = [outputs[i][1] - requests[i].arrival_s for i in range(len(requests))]
+    ttfts = [first_token[i] - requests[i].arrival_s for i in range(len(requests))]
+    tokens = sum(s.generated_tokens for s in stats)
+    point = ServingPoint(
+        run="", pattern="closed" if rate is None else "open", concurrency=concurrency, rate=rate,
+        requests=len(requests), generated_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
+        latency_p50_s=_quantile(latencies, 0.5), latency_p95_s=_quantile(latencies, 0.95),
+        ttft_p50_s=_quantile(ttfts, 0.5), ttft_p95_s=_quantile(ttfts, 0.95),
+        acceptance_rate=accepted / drafted if drafted else None,
+        mean_draft_tokens=drafted / drafted_steps if drafted_steps else 0.0, identical=None,
+    )
+    return point, [outputs[i][0].token_ids for i in range(len(requests))]
+
+
+def _arrivals(n: int, rate: float | None, seed: int) -> list[float]:
+    if rate is None:
+        return [0.0] * n
+    clock, rng, times = 0.0, random.Random(seed), []
+    for _ in range(n):
+        times.append(clock)
+        clock += rng.expovariate(rate)
+    return times
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+COLUMNS = [("run", "run", "{}"), ("pattern", "load", "{}"), ("concurrency", "conc", "{}"), ("rate", "req/s", "{:g}"),
+           ("requests", "requests", "{}"), ("tokens_per_s", "tok/s", "{:.1f}"), ("throughput_ratio", "vs plain", "{:.2f}x"),
+           ("latency_p50_s", "lat p50 s", "{:.2f}"), ("latency_p95_s", "lat p95 s", "{:.2f}"),
+           ("ttft_p50_s", "ttft p50 s", "{:.2f}"), ("ttft_p95_s", "ttft p95 s", "{:.2f}"),
+           ("acceptance_rate", "accept", "{:.0%}"), ("mean_draft_tokens", "k/step", "{:.1f}"),
+           ("identical", "identical", "{:.0%}")]
+
+
+def serving_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    cells = [[title for _, title, _ in COLUMNS]]
+    cells += [["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in COLUMNS] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in cells[0]) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
