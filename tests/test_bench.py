@@ -43,10 +43,12 @@ def test_tiny_bench_writes_report_with_every_column(tiny_model_dir, tiny_draft_d
 
 def test_serving_bench_reports_every_load_point_and_speculative_outputs_match_plain(tiny_model_dir, tiny_draft_dir,
                                                                                   tmp_path):
-    out = tmp_path / "serve"
+    out, workload = tmp_path / "serve", tmp_path / "w.jsonl"
+    workload.write_text('{"prompt": "the quick brown fox jumps over the lazy dog the quick"}\n'
+                        '{"prompt": "def add(a, b):"}\n{"prompt": "speculative decoding drafts tokens"}\n')
     proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--serve", "--target", str(tiny_model_dir),
-                           "--draft", str(tiny_draft_dir), "--drafter", "ngram,model", "--workload", "grounded,code",
-                           "--limit", "2", "--max-new-tokens", "10", "--repeats", "1", "--concurrency", "1,3",
+                           "--draft", str(tiny_draft_dir), "--drafter", "ngram,model", "--workload", str(workload),
+                           "--max-new-tokens", "10", "--repeats", "1", "--concurrency", "1,3",
                            "--request-rate", "50", "--requests", "5", "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
