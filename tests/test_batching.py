@@ -137,6 +137,17 @@ def test_batched_sampling_follows_the_target_law_with_the_planners_k():
     assert stat < chi2_critical(df, 1e-3), f"chi2 {stat:.1f} on {df} df"
 
 
+def test_draft_passes_of_a_batch_run_together(models):
+    target, draft = compact(models["llama"]), compact(models["draft"])
+    engine = Engine(target, drafter="model", draft_model=draft)
+    passes = []
+    original = draft.forward_batch
+    draft.forward_batch = lambda ids, caches, n: passes.append(len(ids)) or original(ids, caches, n)
+    generations = [engine.start(prompt, SamplingParams(max_new_tokens=9, num_draft_tokens=3)) for prompt in PROMPTS]
+    BatchStepper(target).step(generations)
+    assert passes == [len(PROMPTS)] * 3  # k = 3 rounds, each one pass over all six sequences
+
+
 class _BadDrafter:
     """Proposes a token id outside the vocabulary: the shared pass fails on it."""
 

@@ -3,6 +3,7 @@
 `BatchStepper.step(generations)` advances every running generation by one step:
   plan     k for each sequence, chosen for the batch as a whole (draft_length.BatchDraftPlanner);
   propose  each generation drafts its k tokens (its own drafter, cache and sampling settings);
+           draft-model passes run in lockstep, every sequence's in one packed pass per round;
   verify   one target pass over every sequence's [last, d1..dk] (ragged: own k, own cache
            length; `forward_batch`), so the weights are read once for all of them;
   conclude each generation accepts, rewinds its own cache and emits (Generation.conclude).
@@ -16,10 +17,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
+from typing import Generator
 
 import torch
 
 from .draft_length import BatchDraftPlanner
+from .drafters.base import DraftFeed
 from .generation import DraftedStep, Generation, StepOutput
 from .models.base import CausalLM, forward_batch
 
@@ -38,7 +42,7 @@ class BatchStepper:
         if len(generations) == 1:
             return [_guarded(generations[0].step)]
         ks = self.planner.plan([g.policy for g in generations], [g.draft_budget for g in generations])
-        drafts: list[DraftedStep | BaseException] = [_guarded(g.draft, k) for g, k in zip(generations, ks)]
+        drafts = self._draft([g.draft_steps(k) for g, k in zip(generations, ks)])
         live = [i for i, d in enumerate(drafts) if isinstance(d, DraftedStep)]
         started = time.perf_counter()
         logits = self._verify([generations[i] for i in live], [drafts[i] for i in live])
@@ -51,25 +55,78 @@ class BatchStepper:
             self.planner.observe(rows, time.perf_counter() - started)
         return results
 
+    def _draft(self, steps: list[Generator]) -> list[DraftedStep | BaseException]:
+        """Drive every generation's draft in lockstep: each round, the passes they wait for
+        run as one forward_batch per draft model. Each sequence is charged the round's time
+        in proportion to the positions it fed, so its policy learns a batched draft's cost."""
+        results: list[DraftedStep | BaseException | None] = [None] * len(steps)
+        waiting: dict[int, DraftFeed] = {}
+        fed = [0] * len(steps)
+        for i, s in enumerate(steps):  # up to each one's first pass: new arrivals prefill the target here
+            self._resume(i, s, None, waiting, results)
+        started = time.perf_counter()
+        while waiting:
+            by_model: dict[int, list[int]] = {}
+            for i, feed in waiting.items():
+                by_model.setdefault(id(feed.model), []).append(i)
+            for group in by_model.values():
+                feeds = [waiting.pop(i) for i in group]
+                for i, feed in zip(group, feeds):
+                    fed[i] += feed.token_ids.shape[0]
+                logits = self._feed(feeds)
+                for i, answer in zip(group, logits):
+                    self._resume(i, steps[i], answer, waiting, results)
+        total, elapsed = sum(fed), time.perf_counter() - started
+        return [replace(r, draft_s=elapsed * fed[i] / total) if isinstance(r, DraftedStep) and total else r
+                for i, r in enumerate(results)]
+
+    @staticmethod
+    def _resume(i: int, steps: Generator, answer, waiting: dict, results: list) -> None:
+        try:
+            if isinstance(answer, BaseException):  # its draft pass failed: end its proposal with that
+                waiting[i] = steps.throw(answer)
+            else:
+                waiting[i] = next(steps) if answer is None else steps.send(answer)
+        except StopIteration as done:
+            results[i] = done.value
+        except Exception as exc:  # that request's draft failed; the others go on
+            log.exception("a generation step failed")
+            results[i] = exc
+
+    @staticmethod
+    def _feed(feeds: list[DraftFeed]) -> list[torch.Tensor | BaseException]:
+        """One draft model's pass over several sequences: their logits [1, columns] each."""
+        model = feeds[0].model
+        ids, caches = [f.token_ids for f in feeds], [f.cache for f in feeds]
+        return _one_pass_or_each(model, ids, caches, [1] * len(feeds), "draft")
+
     def _verify(self, generations: list[Generation], drafts: list[DraftedStep]) -> list[torch.Tensor | BaseException]:
         """Each sequence's target logits [k_i + 1, vocab], from one pass when it succeeds."""
         if not generations:
             return []
-        caches = [g.cache for g in generations]
-        lengths = [self.target.cache_length(c) for c in caches]
         ids = [d.verify_ids for d in drafts]
+        return _one_pass_or_each(self.target, ids, [g.cache for g in generations], [t.shape[0] for t in ids], "verify")
+
+
+def _one_pass_or_each(model: CausalLM, ids: list[torch.Tensor], caches: list, num_logits: list[int],
+                      what: str) -> list[torch.Tensor | BaseException]:
+    """forward_batch; if that fails, each sequence alone from where it stood, so that only
+    the sequence at fault gets the error."""
+    lengths = [model.cache_length(c) for c in caches]
+    try:
+        return forward_batch(model, ids, caches, num_logits)
+    except Exception as exc:
+        if len(ids) == 1:
+            return [exc]
+        log.exception("a batched %s pass failed: running its sequences one by one", what)
+    results: list[torch.Tensor | BaseException] = []
+    for token_ids, cache, length, n in zip(ids, caches, lengths, num_logits):
         try:
-            return forward_batch(self.target, ids, caches, [t.shape[0] for t in ids])
-        except Exception:
-            log.exception("a batched verify pass failed: verifying its sequences one by one")
-        results: list[torch.Tensor | BaseException] = []
-        for cache, length, verify_ids in zip(caches, lengths, ids):
-            try:
-                self.target.rewind(cache, min(length, self.target.cache_length(cache)))
-                results.append(self.target.forward(verify_ids, cache, num_logits=verify_ids.shape[0]))
-            except Exception as exc:
-                results.append(exc)
-        return results
+            model.rewind(cache, min(length, model.cache_length(cache)))
+            results.append(model.forward(token_ids, cache, num_logits=n))
+        except Exception as exc:
+            results.append(exc)
+    return results
 
 
 def _guarded(function, *args):

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generator
 
 import torch
 
 from .acceptance import Verdict, verify_greedy, verify_sampled
 from .draft_length import DraftLengthPolicy
-from .drafters.base import DraftProposal, Drafter, empty_proposal
+from .drafters.base import (DraftFeed, DraftProposal, Drafter, ProposalSteps, empty_proposal, proposal_steps,
+                             run_alone)
 from .logits import to_probs
 from .models.base import CausalLM
 from .sampling_params import SamplingParams
@@ -93,12 +94,16 @@ class Generation:
     def draft(self, k: int | None = None) -> "DraftedStep":
         """Propose this step's draft (k tokens, or the policy's choice) and return what the
         target must verify: a batch (batching.py) verifies many sequences in one pass."""
+        return run_alone(self.draft_steps(k))
+
+    def draft_steps(self, k: int | None = None) -> Generator[DraftFeed, torch.Tensor, "DraftedStep"]:
+        """`draft` as steps: yields each draft-model pass it needs (a batch feeds many at once)."""
         if self.finished:
             raise RuntimeError("generation already finished")
         if self._started is None:
             self._prefill()
         started = time.perf_counter()
-        proposal = self._propose(k)
+        proposal = yield from self._propose(k)
         if self._synchronize is not None:  # GPU work is asynchronous: the draft's time is its finish
             self._synchronize()
         # Draft tokens stay where the drafter made them: a GPU draft is not waited for here.
@@ -128,14 +133,14 @@ class Generation:
         and the context; 0 without a drafter."""
         return 0 if self.drafter is None else max(0, self.max_length - self.length - 1)
 
-    def _propose(self, k: int | None) -> DraftProposal:
+    def _propose(self, k: int | None) -> ProposalSteps:
         budget = self.draft_budget
         if budget == 0:
             return empty_proposal()
         k = self.policy.next(budget) if k is None else min(k, budget)
         if k == 0:
             return empty_proposal()
-        return self.drafter.propose(self.tokens[: self.length], k, self.params, self.generator)
+        return (yield from proposal_steps(self.drafter, self.tokens[: self.length], k, self.params, self.generator))
 
     def _accept(self, target_logits: torch.Tensor, proposal: DraftProposal) -> Verdict:
         draft_tokens = proposal.tokens.to(target_logits.device)

@@ -117,6 +117,7 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     import json
     import statistics
 
+    from ..batching import BatchStepper
     from .runner import _encode
     from .serving import serve, serving_table
 
@@ -125,6 +126,12 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     loads += [(max(c for c, _ in loads), r) for r in rates]
     encoded = [_encode(engine, p) for p in prompts]
     runs = [("plain", engine.with_drafter("none"))] + variants
+    # One stepper per run for the whole bench, as a running server keeps one (its k planner
+    # learns the batched verify's costs); a warm-up round at the largest load teaches it.
+    steppers = {name: BatchStepper(variant.target) for name, variant in runs}
+    warm = [encoded[i % len(encoded)] for i in range(max(c for c, _ in loads))]
+    for name, variant in runs:
+        serve(variant, warm, min(16, args.max_new_tokens), len(warm), stepper=steppers[name])
     rows = []
     for concurrency, rate in loads:
         count = args.requests or max(8, 2 * concurrency)
@@ -134,7 +141,7 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
         for repeat in range(args.repeats):  # runs interleaved: drifts in machine speed hit all alike
             for name, variant in runs:
                 point, tokens = serve(variant, batch, args.max_new_tokens, concurrency, rate, args.temperature,
-                                      args.seed)
+                                      args.seed, steppers[name])
                 points[name].append(point)
                 outputs.setdefault(name, tokens)
         plain = statistics.median(p.tokens_per_s for p in points["plain"])

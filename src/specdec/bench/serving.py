@@ -6,8 +6,11 @@ and waiting ones join between steps. Two arrival patterns:
   closed loop  `concurrency` requests in flight at all times (each finished one is replaced);
   open loop    requests arrive at random (Poisson) times at `rate` per second, seeded.
 Reported per configuration: throughput (generated tokens per second of wall time), per-request
-latency and time to first token (p50, p95), acceptance, and whether each greedy output equals
-the plain run's output for the same request.
+latency and time to first token (p50, p95; closed loop: from the request's admission, as its
+client sent it then; open loop: from its arrival, so queueing counts), acceptance, and whether
+each greedy output equals the plain run's output for the same request.
+Pass one `stepper` per engine across runs, as a server keeps one: its k planner has learnt
+the verify pass's costs.
 """
 from __future__ import annotations
 
@@ -66,6 +69,8 @@ def serve(engine: Engine, prompts: list[list[int]], max_new_tokens: int, concurr
         now = time.perf_counter() - start
         while waiting and len(running) < concurrency and requests[waiting[0]].arrival_s <= now:
             i = waiting.pop(0)
+            if rate is None:  # closed loop: the client sends its next request as the last one ends
+                requests[i].arrival_s = now
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                     seed=None if temperature == 0 else seed + i)
             running.append((i, engine.start(requests[i].prompt_ids, params)))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Generator, Protocol
 
 import torch
 
@@ -32,6 +32,38 @@ class Drafter(Protocol):
 
 
 DrafterFactory = Callable[[], Drafter]
+
+
+@dataclass(frozen=True)
+class DraftFeed:
+    """A draft model pass a proposal waits for: feed `token_ids` [n] into `cache`, send back
+    the last position's logits [1, columns]. Batches feed many sequences' in one pass."""
+    model: Any  # a CausalLM
+    token_ids: torch.Tensor
+    cache: Any
+
+
+# A proposal in steps: yields DraftFeeds, is sent their logits, returns the DraftProposal.
+ProposalSteps = Generator[DraftFeed, torch.Tensor, DraftProposal]
+
+
+def proposal_steps(drafter: Drafter, context: torch.Tensor, k: int, params: SamplingParams,
+                   generator: torch.Generator | None) -> ProposalSteps:
+    """The drafter's proposal as steps; drafters without model passes answer at once."""
+    steps = getattr(drafter, "proposal_steps", None)
+    if steps is not None:
+        return (yield from steps(context, k, params, generator))
+    return drafter.propose(context, k, params, generator)
+
+
+def run_alone(steps: ProposalSteps) -> DraftProposal:
+    """Drive a proposal's steps with one pass per feed (no batch)."""
+    try:
+        feed = next(steps)
+        while True:
+            feed = steps.send(feed.model.forward(feed.token_ids, feed.cache, num_logits=1))
+    except StopIteration as done:
+        return done.value
 
 
 def empty_proposal(device: torch.device | str = "cpu") -> DraftProposal:

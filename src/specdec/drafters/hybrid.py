@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import DraftProposal, Drafter
+from .base import DraftProposal, Drafter, ProposalSteps, proposal_steps, run_alone
 from .ngram import NGramDrafter
 
 MIN_LOOKUP_TOKENS = 2  # shorter lookups are usually coincidental single-token matches
@@ -24,12 +24,17 @@ class HybridDrafter:
     def propose(
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> DraftProposal:
+        return run_alone(self.proposal_steps(context, k, params, generator))
+
+    def proposal_steps(
+        self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> ProposalSteps:
         proposal = self.lookup.propose(context, k, params, generator)
         if proposal.tokens.shape[0] >= min(k, MIN_LOOKUP_TOKENS):
             self._last = self.lookup
             return proposal
         self._last = self.model_drafter
-        return self.model_drafter.propose(context, k, params, generator)
+        return (yield from proposal_steps(self.model_drafter, context, k, params, generator))
 
     def observe(self, num_accepted: int) -> None:
         if self._last is not None:

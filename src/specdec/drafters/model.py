@@ -11,7 +11,7 @@ import torch
 from ..logits import sample, to_probs
 from ..models.base import CausalLM
 from ..sampling_params import SamplingParams
-from .base import DraftProposal
+from .base import DraftFeed, DraftProposal, ProposalSteps, run_alone
 
 
 class ModelDrafter:
@@ -27,6 +27,12 @@ class ModelDrafter:
     def propose(
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> DraftProposal:
+        return run_alone(self.proposal_steps(context, k, params, generator))
+
+    def proposal_steps(
+        self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> ProposalSteps:
+        """k draft passes, each yielded as a DraftFeed (batching.py feeds many sequences' at once)."""
         if self._covers_context:
             self.model.cover_context(self.cache, context)
             self._token_ids = self.model.column_token_ids(self.cache)
@@ -34,11 +40,11 @@ class ModelDrafter:
             self._token_ids = self.model.output_token_ids
         # The cache holds an accepted prefix of `context` (observe() rewound it); feed the rest.
         new_tokens = context[self.model.cache_length(self.cache) :]
-        logits = self.model.forward(new_tokens, self.cache, num_logits=1)  # [1, vocab]
+        logits = yield DraftFeed(self.model, new_tokens, self.cache)  # [1, vocab]
         tokens, probs = [], []
         for i in range(k):
             if i:
-                logits = self.model.forward(tokens[-1], self.cache, num_logits=1)
+                logits = yield DraftFeed(self.model, tokens[-1], self.cache)
             token, token_probs = self._pick(logits, params, generator)
             if self._token_ids is not None:
                 token, token_probs = self._to_vocabulary(token, token_probs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import DraftProposal, Drafter
+from .base import DraftProposal, Drafter, ProposalSteps, proposal_steps, run_alone
 
 
 class SyntheticDrafter:
@@ -24,7 +24,13 @@ class SyntheticDrafter:
 
     def propose(self, context: torch.Tensor, k: int, params: SamplingParams,
                 generator: torch.Generator | None) -> DraftProposal:
-        paid = self.cost_drafter.propose(context, k, params, generator) if self.cost_drafter else None
+        return run_alone(self.proposal_steps(context, k, params, generator))
+
+    def proposal_steps(self, context: torch.Tensor, k: int, params: SamplingParams,
+                       generator: torch.Generator | None) -> ProposalSteps:
+        paid = None
+        if self.cost_drafter is not None:
+            paid = yield from proposal_steps(self.cost_drafter, context, k, params, generator)
         truth = self.reference[context.shape[0] : context.shape[0] + k]
         corrupt = torch.rand(truth.shape[0], generator=self.rng) >= self.alpha
         shifted = (truth + 1 + torch.randint(0, self.vocab_size - 1, truth.shape, generator=self.rng)) % self.vocab_size
