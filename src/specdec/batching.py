@@ -123,7 +123,9 @@ def _one_pass_or_each(model: CausalLM, ids: list[torch.Tensor], caches: list, nu
     for token_ids, cache, length, n in zip(ids, caches, lengths, num_logits):
         try:
             model.rewind(cache, min(length, model.cache_length(cache)))
-            results.append(model.forward(token_ids, cache, num_logits=n))
+            # A copy: a graph step's logits live in its slot's buffer, which the next
+            # sequence's replay may reuse (graph_decoder.py shares one memory pool).
+            results.append(model.forward(token_ids, cache, num_logits=n).clone())
         except Exception as exc:
             results.append(exc)
     return results

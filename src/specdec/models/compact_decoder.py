@@ -214,7 +214,8 @@ class CompactDecoder:
         """token_ids: each sequence's new tokens [n_i]; their rows are stacked in that order."""
         sizes = [t.shape[0] for t in token_ids]
         segments = [self._segment(cache, n) for cache, n in zip(caches, sizes)]
-        hidden = self.embedding(torch.cat(token_ids).to(self.device)).float()  # [sum n_i, hidden]: the residual stream
+        # A sequence's first draft feed is its context, on the host; later ones are the device's own picks.
+        hidden = self.embedding(torch.cat([t.to(self.device) for t in token_ids])).float()  # [sum n_i, hidden]
         positions = torch.cat([segment.positions for segment in segments])
         rotary = [_cos_sin(positions, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
 
