@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_bench import llama  # noqa: E402
-from specdec import SamplingParams  # noqa: E402
+from specdec import Engine, SamplingParams  # noqa: E402
 from specdec.batching import BatchStepper  # noqa: E402
+from specdec.bench.serving import serve  # noqa: E402
 from specdec.drafters.model import ModelDrafter  # noqa: E402
 from specdec.drafters.synthetic import SyntheticDrafter  # noqa: E402
 from specdec.generation import Generation  # noqa: E402
@@ -33,34 +33,6 @@ from specdec.models.graph_decoder import graph_decoder_for  # noqa: E402
 from specdec.models.hf import HFCausalLM  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu-out"))
-
-
-def serve(target, make_drafter, prompts, new_tokens, concurrency, stepper):
-    waiting, running, done = list(range(len(prompts))), [], {}
-    admitted: dict[int, float] = {}
-    start = time.perf_counter()
-    while waiting or running:
-        while waiting and len(running) < concurrency:
-            i = waiting.pop(0)
-            admitted[i] = time.perf_counter()
-            params = SamplingParams(max_new_tokens=new_tokens, num_draft_tokens=None)
-            running.append((i, Generation(target, make_drafter(i), prompts[i], params, None)))
-        results = stepper.step([g for _, g in running])
-        for (i, g), r in zip(running, results):
-            if isinstance(r, BaseException):
-                raise r
-            if r.finished:
-                done[i] = (g.output(), time.perf_counter() - admitted[i])
-        running = [(i, g) for i, g in running if i not in done]
-    wall = time.perf_counter() - start
-    outs = [done[i][0] for i in range(len(prompts))]
-    drafted = sum(o.stats.drafted_tokens for o in outs)
-    passes = sum(o.stats.target_forward_passes for o in outs)
-    latencies = sorted(done[i][1] for i in range(len(prompts)))
-    return {"tok_s": sum(len(o.token_ids) for o in outs) / wall, "wall_s": wall,
-            "latency_p50_s": statistics.median(latencies), "latency_p95_s": latencies[int(0.95 * (len(latencies) - 1))],
-            "acceptance": sum(o.stats.accepted_tokens for o in outs) / drafted if drafted else None,
-            "k_per_step": drafted / passes}, [o.token_ids for o in outs]
 
 
 def main() -> None:
@@ -86,22 +58,28 @@ def main() -> None:
               "new_tokens": new_tokens, "prompt_tokens": prompt_len,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     steppers = {"plain": BatchStepper(target), "speculative": BatchStepper(target)}
+    engine = Engine(target, drafter="none")
     for c in [int(x) for x in args.concurrency.split(",")]:
         n = max(8, 2 * c)
         prompts = [distinct[i % 8] for i in range(n)]
-        makers = {"plain": lambda i: None,
-                  "speculative": lambda i: SyntheticDrafter(ModelDrafter(draft), references[i % 8], args.alpha, vocab,
-                                                            seed=i)}
-        for name in makers:  # warm-up at this load: the planner learns this batch's verify costs
-            serve(target, makers[name], prompts[: max(c, 2)], 16, c, steppers[name])
-        results = {name: serve(target, makers[name], prompts, new_tokens, c, steppers[name]) for name in makers}
+        drafters = {"plain": lambda i: None,
+                    "speculative": lambda i: SyntheticDrafter(ModelDrafter(draft), references[i % 8], args.alpha,
+                                                              vocab, seed=i)}
+
+        def run(name, batch, tokens):
+            start = lambda i, ids, params: Generation(target, drafters[name](i), ids, params, None)  # noqa: E731
+            return serve(engine, batch, tokens, c, stepper=steppers[name], start=start)
+
+        for name in drafters:  # warm-up at this load: the planner learns this batch's verify costs
+            run(name, prompts[: max(c, 2)], 16)
+        results = {name: run(name, prompts, new_tokens) for name in drafters}
         plain, spec = results["plain"], results["speculative"]
-        row = {"concurrency": c, "requests": n, "plain": plain[0], "speculative": spec[0],
-               "ratio": spec[0]["tok_s"] / plain[0]["tok_s"], "identical": spec[1] == plain[1]}
+        row = {"concurrency": c, "requests": n, "plain": plain[0].to_dict(), "speculative": spec[0].to_dict(),
+               "ratio": spec[0].tokens_per_s / plain[0].tokens_per_s, "identical": spec[1] == plain[1]}
         report["rows"].append(row)
-        print(f"c={c}: plain {plain[0]['tok_s']:.0f} tok/s, speculative {spec[0]['tok_s']:.0f} tok/s "
-              f"({row['ratio']:.2f}x, acceptance {spec[0]['acceptance'] or 0:.0%}, k/step {spec[0]['k_per_step']:.1f}, "
-              f"identical {row['identical']})", flush=True)
+        print(f"c={c}: plain {plain[0].tokens_per_s:.0f} tok/s, speculative {spec[0].tokens_per_s:.0f} tok/s "
+              f"({row['ratio']:.2f}x, acceptance {spec[0].acceptance_rate or 0:.0%}, "
+              f"k/step {spec[0].mean_draft_tokens:.1f}, identical {row['identical']})", flush=True)
         (OUT / "gpu_serving.json").write_text(json.dumps(report, indent=2))
 
 

@@ -150,8 +150,8 @@ class BatchDraftPlanner:
                 ks[i] = min(INITIAL_DRAFT_TOKENS, self.maximum, max(0, budgets[i]))
             return ks
         rows = sum(k + 1 for k in ks)
-        tokens = sum(policies[i].expected_tokens(ks[i]) if i not in flexible else 1.0 for i in range(len(ks)))
-        cost = self.verify_cost(rows) + sum(policies[i].draft_cost_per_token * ks[i] for i in range(len(ks)))
+        tokens = sum(policy.expected_tokens(k) for policy, k in zip(policies, ks))  # E(0) = 1: a plain step
+        cost = self.verify_cost(rows) + sum(policy.draft_cost_per_token * k for policy, k in zip(policies, ks))
         while True:
             extra_row = self.verify_cost(rows + 1) - self.verify_cost(rows)
             best, best_gain, best_cost = None, 0.0, 0.0

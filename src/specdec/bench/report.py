@@ -23,25 +23,28 @@ COLUMNS = [
 ]
 
 
-def table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    body = [[_fmt(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
-    return [[title for _, title, _ in COLUMNS]] + body
+Columns = list[tuple[str, str, str]]  # (row key, title, format)
+
+
+def table(rows: list[dict[str, Any]], columns: Columns = COLUMNS) -> list[list[str]]:
+    body = [[_fmt(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
+    return [[title for _, title, _ in columns]] + body
 
 
 def _fmt(value: Any, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def terminal_table(rows: list[dict[str, Any]]) -> str:
-    cells = table(rows)
+def terminal_table(rows: list[dict[str, Any]], columns: Columns = COLUMNS) -> str:
+    cells = table(rows, columns)
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cells = table(rows)
+def markdown_table(rows: list[dict[str, Any]], columns: Columns = COLUMNS) -> str:
+    cells = table(rows, columns)
     lines = ["| " + " | ".join(r) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("---" for _ in cells[0]) + "|")
     return "\n".join(lines)

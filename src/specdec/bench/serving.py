@@ -18,11 +18,13 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..batching import BatchStepper
 from ..engine import Engine
+from ..generation import Generation
 from ..sampling_params import SamplingParams
+from .report import markdown_table, terminal_table
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,13 @@ class _Request:
 
 def serve(engine: Engine, prompts: list[list[int]], max_new_tokens: int, concurrency: int,
           rate: float | None = None, temperature: float = 0.0, seed: int = 0,
-          stepper: BatchStepper | None = None) -> tuple[ServingPoint, list[list[int]]]:
-    """Run every prompt once through the batched loop; returns the point and each request's tokens."""
+          stepper: BatchStepper | None = None,
+          start: Callable[[int, list[int], SamplingParams], Generation] | None = None,
+          ) -> tuple[ServingPoint, list[list[int]]]:
+    """Run every prompt once through the batched loop; returns the point and each request's tokens.
+    start(i, prompt_ids, params): request i's generation (default: engine.start; the GPU
+    script plants a per-request synthetic drafter)."""
+    start = start or (lambda i, prompt_ids, params: engine.start(prompt_ids, params))
     arrivals = _arrivals(len(prompts), rate, seed)
     requests = [_Request(p, a) for p, a in zip(prompts, arrivals)]
     stepper = stepper or BatchStepper(engine.target)
@@ -64,21 +71,21 @@ def serve(engine: Engine, prompts: list[list[int]], max_new_tokens: int, concurr
     outputs: dict[int, Any] = {}
     first_token: dict[int, float] = {}
     drafted_steps = drafted = accepted = 0
-    start = time.perf_counter()
+    began = time.perf_counter()
     while waiting or running:
-        now = time.perf_counter() - start
+        now = time.perf_counter() - began
         while waiting and len(running) < concurrency and requests[waiting[0]].arrival_s <= now:
             i = waiting.pop(0)
             if rate is None:  # closed loop: the client sends its next request as the last one ends
                 requests[i].arrival_s = now
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                     seed=None if temperature == 0 else seed + i)
-            running.append((i, engine.start(requests[i].prompt_ids, params)))
+            running.append((i, start(i, requests[i].prompt_ids, params)))
         if not running:  # open loop, idle until the next arrival
             time.sleep(max(0.0, requests[waiting[0]].arrival_s - now))
             continue
         results = stepper.step([g for _, g in running])
-        done_at = time.perf_counter() - start
+        done_at = time.perf_counter() - began
         for (i, generation), result in zip(running, results):
             if isinstance(result, BaseException):
                 raise result
@@ -87,7 +94,7 @@ def serve(engine: Engine, prompts: list[list[int]], max_new_tokens: int, concurr
             if result.finished:
                 outputs[i] = (generation.output(), done_at)
         running = [(i, g) for i, g in running if i not in outputs]
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - began
     stats = [outputs[i][0].stats for i in range(len(requests))]
     for s in stats:
         drafted += s.drafted_tokens
@@ -132,13 +139,4 @@ COLUMNS = [("run", "run", "{}"), ("pattern", "load", "{}"), ("concurrency", "con
 
 
 def serving_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    cells = [[title for _, title, _ in COLUMNS]]
-    cells += [["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in COLUMNS] for row in rows]
-    if markdown:
-        lines = ["| " + " | ".join(r) + " |" for r in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in cells[0]) + "|")
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return markdown_table(rows, COLUMNS) if markdown else terminal_table(rows, COLUMNS)

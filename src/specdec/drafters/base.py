@@ -66,5 +66,19 @@ def run_alone(steps: ProposalSteps) -> DraftProposal:
         return done.value
 
 
+class SteppedDrafter:
+    """A drafter written as `proposal_steps`; `propose` runs them alone."""
+
+    def propose(
+        self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> DraftProposal:
+        return run_alone(self.proposal_steps(context, k, params, generator))
+
+    def proposal_steps(
+        self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> ProposalSteps:
+        raise NotImplementedError
+
+
 def empty_proposal(device: torch.device | str = "cpu") -> DraftProposal:
     return DraftProposal(torch.empty(0, dtype=torch.long, device=device), None, 0, 0)

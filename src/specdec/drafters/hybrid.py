@@ -9,22 +9,17 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import DraftProposal, Drafter, ProposalSteps, proposal_steps, run_alone
+from .base import Drafter, ProposalSteps, SteppedDrafter, proposal_steps
 from .ngram import NGramDrafter
 
 MIN_LOOKUP_TOKENS = 2  # shorter lookups are usually coincidental single-token matches
 
 
-class HybridDrafter:
+class HybridDrafter(SteppedDrafter):
     def __init__(self, model_drafter: Drafter, lookup: NGramDrafter | None = None) -> None:
         self.lookup = lookup or NGramDrafter()
         self.model_drafter = model_drafter
         self._last: Drafter | None = None
-
-    def propose(
-        self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
-    ) -> DraftProposal:
-        return run_alone(self.proposal_steps(context, k, params, generator))
 
     def proposal_steps(
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None

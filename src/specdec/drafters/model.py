@@ -11,10 +11,10 @@ import torch
 from ..logits import sample, to_probs
 from ..models.base import CausalLM
 from ..sampling_params import SamplingParams
-from .base import DraftFeed, DraftProposal, ProposalSteps, run_alone
+from .base import DraftFeed, DraftProposal, ProposalSteps, SteppedDrafter
 
 
-class ModelDrafter:
+class ModelDrafter(SteppedDrafter):
     def __init__(self, model: CausalLM) -> None:
         self.model = model
         self.cache = model.new_cache()
@@ -23,11 +23,6 @@ class ModelDrafter:
         # Drafts with a subset head may extend it per sequence with the context's own tokens.
         self._covers_context = hasattr(model, "cover_context")
         self._token_ids: torch.Tensor | None = None  # logits column -> token id, this proposal
-
-    def propose(
-        self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
-    ) -> DraftProposal:
-        return run_alone(self.proposal_steps(context, k, params, generator))
 
     def proposal_steps(
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None

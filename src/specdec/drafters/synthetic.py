@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import DraftProposal, Drafter, ProposalSteps, proposal_steps, run_alone
+from .base import Drafter, DraftProposal, ProposalSteps, SteppedDrafter, proposal_steps
 
 
-class SyntheticDrafter:
+class SyntheticDrafter(SteppedDrafter):
     def __init__(self, cost_drafter: Drafter | None, reference: list[int], alpha: float, vocab_size: int,
                  seed: int = 0) -> None:
         self.cost_drafter = cost_drafter
@@ -21,10 +21,6 @@ class SyntheticDrafter:
         self.alpha = alpha
         self.vocab_size = vocab_size
         self.rng = torch.Generator().manual_seed(seed)
-
-    def propose(self, context: torch.Tensor, k: int, params: SamplingParams,
-                generator: torch.Generator | None) -> DraftProposal:
-        return run_alone(self.proposal_steps(context, k, params, generator))
 
     def proposal_steps(self, context: torch.Tensor, k: int, params: SamplingParams,
                        generator: torch.Generator | None) -> ProposalSteps:

@@ -16,6 +16,7 @@ verifies every token. Supported families: Llama, Qwen2, Gemma 3 (text); others r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable
 
 import torch
@@ -199,7 +200,7 @@ class CompactDecoder:
         if any(t.shape[0] > PREFILL_CHUNK for t in token_ids):
             return [self.forward(t, c, m) for t, c, m in zip(token_ids, caches, num_logits)]
         hidden = self._packed_body(token_ids, caches)  # [sum n_i, hidden]
-        ends = torch.tensor([t.shape[0] for t in token_ids]).cumsum(0).tolist()
+        ends = list(accumulate(t.shape[0] for t in token_ids))
         rows = [hidden[end - m : end] for end, m in zip(ends, num_logits)]
         extra_heads = [getattr(c, "extra_head", None) for c in caches]
         if any(head is not None for head in extra_heads):  # per-sequence columns: one head each

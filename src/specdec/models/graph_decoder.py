@@ -72,7 +72,8 @@ class GraphDecoder(CompactDecoder):
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, cache: StaticCache, num_logits: int) -> torch.Tensor:
         """Logits [num_logits, vocab]. From a graph they live in the slot's output buffer,
-        valid until the next step of the same size on the same cache."""
+        valid until this decoder's next graph step on any cache: the graphs share one memory
+        pool, so a later replay may reuse the buffer (copy logits that must outlive it)."""
         n = token_ids.shape[0]
         self._check_room(cache, n)
         if n > GRAPH_MAX_TOKENS or not self._graphs:
