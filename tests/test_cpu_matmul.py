@@ -5,7 +5,8 @@ import torch
 import shutil
 
 from specdec.models import native_matmul
-from specdec.models.cpu_matmul import SPLIT_MIN_WEIGHTS, FewRowLinear, _native_product, few_row_product
+from specdec.models.compact_decoder import Int8Weight
+from specdec.models.cpu_matmul import SPLIT_MIN_WEIGHTS, FewRowLinear, _native_product, few_row_product, int8_product
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,3 +69,40 @@ def test_native_kernel_matches_float64_on_every_tail(monkeypatch, rows, out_feat
 def test_native_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("SPECDEC_NATIVE", "0")
     assert native_matmul._build_and_load() is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows,out_features,in_features", [
+    (1, 9, 100),  # one-row path: row tail (9 = 2 blocks of 4 + 1), column tail (100 = 6 x 16 + 4)
+    (1, 4099, 640),  # split over the threads, an odd block last
+    (2, 13, 37),  # few-row path, column tail shorter than a vector
+    (7, 1001, 64),
+    (16, 130, 2048),
+])
+def test_int8_kernel_matches_its_dequantized_weights_on_every_tail(monkeypatch, rows, out_features, in_features):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # blocks the threads do not divide evenly
+    torch.manual_seed(rows)
+    weight = Int8Weight.quantize(torch.randn(out_features, in_features))
+    x = torch.randn(rows, in_features)
+    got = int8_product(x, weight.data, weight.scale)
+    dequantized = weight.data.double() * weight.scale.double()[:, None]
+    torch.testing.assert_close(got.double(), x.double() @ dequantized.T, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_quantization_rounds_each_weight_to_its_rows_nearest_step():
+    torch.manual_seed(0)
+    weight = torch.randn(300, 50) * torch.logspace(-3, 2, 300)[:, None]  # rows of very different scales
+    weight[7] = 0  # an all-zero row keeps a finite scale
+    q = Int8Weight.quantize(weight)
+    error = (weight - q.data.float() * q.scale[:, None]).abs()
+    assert torch.isfinite(q.scale).all() and q.data.abs().max() <= 127
+    assert (error <= q.scale[:, None] / 2 * 1.0001 + 1e-12).all()
+
+
+def test_int8_product_without_the_native_kernel_uses_pytorchs(monkeypatch):
+    monkeypatch.setattr(native_matmul, "library", lambda: None)
+    torch.manual_seed(1)
+    weight, x = Int8Weight.quantize(torch.randn(64, 96)), torch.randn(3, 96)
+    assert int8_product(x, weight.data, weight.scale) is None
+    want = x.double() @ (weight.data.double() * weight.scale.double()[:, None]).T
+    torch.testing.assert_close(weight.product(x).double(), want, atol=0.1, rtol=0.02)  # bf16 activations there

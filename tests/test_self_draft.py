@@ -9,7 +9,8 @@ import torch
 
 import specdec
 from specdec import Engine
-from specdec.models.self_draft import build_self_draft
+from specdec.models.compact_decoder import CompactDecoder
+from specdec.models.self_draft import build_self_draft, resolve_scheme
 import tiny
 from test_greedy_exactness import PROMPTS, reference_greedy, run
 
@@ -36,16 +37,37 @@ def test_self_draft_agrees_with_target_and_shares_its_embedding(target_llama, bf
     assert target_llama.model.lm_head.weight.dtype == torch.float64
 
 
-def test_int8_self_draft_is_exact_within_tie_tolerance():
-    target = tiny.wrap(tiny.llama(seed=0, dtype=torch.float32))
-    engine = Engine(target, drafter="ngram+self", draft_model=build_self_draft(target, "int8"))
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def float32_target(request):
+    model = tiny.llama(seed=0, dtype=torch.float32) if request.param == "llama" else tiny.gemma3(0, dtype=torch.float32)
+    return tiny.wrap(model, request.param)
+
+
+@pytest.mark.parametrize("k", [1, 4, None])
+@pytest.mark.parametrize("drafter", ["self", "ngram+self"])
+def test_int8_self_draft_is_exact_within_tie_tolerance(float32_target, drafter, k):
+    target = float32_target
+    draft = build_self_draft(target, "int8")
+    assert isinstance(draft, CompactDecoder)  # weight-only int8, not a dynamically quantized clone
+    engine = Engine(target, drafter=drafter, draft_model=draft)
+    accepted = 0
     for prompt in PROMPTS[:4]:
-        ours = run(engine, prompt, 40, 4).token_ids
+        out = run(engine, prompt, 40, k)
+        ours = out.token_ids
+        accepted += out.stats.accepted_tokens
         expected = reference_greedy(target, prompt, 40)
         if ours != expected:
             i = next(j for j, (a, b) in enumerate(zip(ours, expected)) if a != b)
             top2 = target.model(torch.tensor([prompt + expected[:i]])).logits[0, -1].topk(2).values
             assert float(top2[0] - top2[1]) < 1e-4
+    assert accepted > 0  # the draft was used, not bypassed
+
+
+def test_auto_precision_is_int8_for_float32_cpu_targets_only(target_llama):
+    float32 = tiny.wrap(tiny.llama(seed=0, dtype=torch.float32))
+    assert resolve_scheme(float32, "auto") == "int8"
+    assert resolve_scheme(target_llama, "auto") == "bfloat16"  # float64: int8 products are float32
+    assert resolve_scheme(float32, "bfloat16") == "bfloat16"
 
 
 def test_hybrid_uses_lookup_when_the_context_repeats(target_llama, bf16_self_draft):

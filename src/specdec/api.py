@@ -23,7 +23,7 @@ def load(
     drafter: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    self_draft: str = "bfloat16",
+    self_draft: str = "auto",
     draft_vocab: int | None = DEFAULT_DRAFT_VOCAB,
     backend: str = "torch",
     cuda_graphs: bool = True,
@@ -32,7 +32,8 @@ def load(
     """Load a target (None: the embedded default, Gemma 3 270M) and a drafter.
 
     drafter: "model" (needs `draft`), "self" (a `self_draft`-precision copy of the target
-    whose head scores the `draft_vocab` most frequent tokens; None: all of them),
+    whose head scores the `draft_vocab` most frequent tokens; None: all of them; precision
+    "auto": int8 weights for a float32 target on CPU, else bfloat16),
     "ngram" (prompt lookup), "ngram+model" / "ngram+self" (lookup when it matches, else the
     model), "none" (plain decoding), or None: "model" when a draft is named, else "ngram+self"
     for torch targets on CPU (it beat "ngram" in the project's benchmark: docs/benchmarks) and

@@ -70,8 +70,9 @@ def add_model_args(p: argparse.ArgumentParser, several_drafters: bool = False) -
                                          "default: ngram, plus model when --draft is given")
     else:
         p.add_argument("--drafter", choices=DRAFTERS, help=DRAFTER_HELP)
-    p.add_argument("--self-draft", choices=["bfloat16", "int8"], default="bfloat16",
-                   help="precision of the self-draft (default: bfloat16)")
+    p.add_argument("--self-draft", choices=["auto", "bfloat16", "int8"], default="auto",
+                   help="precision of the self-draft: int8 weights (a quarter of float32's bytes) or "
+                        "bfloat16; auto: int8 for a float32 target on CPU, else bfloat16")
     p.add_argument("--draft-vocab", type=int, default=32768, metavar="N",
                    help="the self-draft scores only the N most frequent tokens; 0 = all (default: 32768)")
     p.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",

@@ -23,29 +23,72 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_matmul import FEW_ROWS, few_row_product
+from .cpu_matmul import FEW_ROWS, few_row_product, int8_product
+from .native_step import one_row_step_for
 
 INITIAL_CAPACITY = 512  # cached positions; doubled on demand
 PREFILL_CHUNK = 1024
+# Up to this many rows an int8 product runs in an int8 kernel, whose cost grows with the row
+# count; beyond, widening the weights once for a float32 GEMM is cheaper.
+INT8_KERNEL_ROWS = 16
 
 
 class UnsupportedArchitecture(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Int8Weight:
+    """Weight-only int8, one scale per output row: W ~ data * scale[:, None]. Activations stay
+    in floating point, so unlike dynamic quantization no activation outlier is clipped."""
+
+    data: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float32 [out]
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> "Int8Weight":
+        weight = weight.detach()
+        data = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for rows in range(0, weight.shape[0], 8192):  # float temporaries a block at a time, not the whole head
+            block = weight[rows : rows + 8192].float()
+            scale[rows : rows + 8192] = (block.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+            data[rows : rows + 8192] = torch.round(block / scale[rows : rows + 8192, None]).clamp_(-127, 127)
+        return cls(data, scale)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def numel(self) -> int:
+        return self.data.numel()
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] @ W.T, in x's dtype."""
+        if x.shape[0] <= INT8_KERNEL_ROWS:
+            out = int8_product(x, self.data, self.scale)
+            if out is None:  # no native kernel: PyTorch's (bfloat16 activations: its fast path)
+                out = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.data, self.scale.to(torch.bfloat16))
+            return out.to(x.dtype)
+        return (x.float() @ (self.data.float() * self.scale[:, None]).T).to(x.dtype)
+
+
+Weight = torch.Tensor | Int8Weight
+
+
 @dataclass
 class _Layer:
     input_norm: torch.Tensor  # float32 weights with Gemma's (1 + w) folded in
-    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden], weight dtype
+    qkv: Weight  # [(heads + 2 kv_heads) * head_dim, hidden]
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o: torch.Tensor
+    o: Weight
     post_attention_norm: torch.Tensor | None  # Gemma: norm of the attention output
     pre_mlp_norm: torch.Tensor
     post_mlp_norm: torch.Tensor | None  # Gemma: norm of the MLP output
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    gate_up: Weight  # [2 * intermediate, hidden]
+    down: Weight
     rope: int  # index into the decoder's rotary frequency tables
     sliding_window: int | None
     scaling: float
@@ -55,6 +98,17 @@ class _Layer:
 class _Segment:
     positions: torch.Tensor  # [n] float32: the sequence's positions in this pass
     attend: Callable[..., torch.Tensor]  # (layer, index, q, k, v) -> [n, heads * head_dim]
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the compact decoder cannot run this `transformers` model; None when it can."""
+    config = model.config.get_text_config()
+    family = getattr(config, "model_type", "")
+    if family not in ("llama", "qwen2", "gemma3_text", "gemma3"):
+        return f"no compact decoder for model type {family!r}"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping is not supported"
+    return None
 
 
 class CompactCache:
@@ -88,13 +142,13 @@ class CompactDecoder:
     """`CausalLM` over a `transformers` decoder's weights (shared where dtypes match)."""
 
     def __init__(self, model: nn.Module, name: str, dtype: torch.dtype, eos_token_ids: set[int],
-                 vocab_size: int, output_token_ids: torch.Tensor | None = None) -> None:
+                 vocab_size: int, output_token_ids: torch.Tensor | None = None, int8_weights: bool = False) -> None:
+        """dtype: the activations', the KV cache's and (unless int8_weights) the weights' dtype."""
         config = model.config.get_text_config()
         family = getattr(config, "model_type", "")
-        if family not in ("llama", "qwen2", "gemma3_text", "gemma3"):
-            raise UnsupportedArchitecture(f"no compact decoder for model type {family!r}")
-        if getattr(config, "attn_logit_softcapping", None) is not None:
-            raise UnsupportedArchitecture("attention logit soft-capping is not supported")
+        unsupported = unsupported_reason(model)
+        if unsupported:
+            raise UnsupportedArchitecture(unsupported)
         self.name = name
         self.model = model  # the transformers module whose weights this runs (peers compare against it)
         self.vocab_size = vocab_size
@@ -104,6 +158,7 @@ class CompactDecoder:
         self.embedding = model.get_input_embeddings()  # the target's own module (Gemma scales rows)
         self.device = self.embedding.weight.device
         self.dtype = dtype
+        self._int8_weights = int8_weights
         self._gemma = family.startswith("gemma")
         body = getattr(model, model.base_model_prefix)
         self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -114,11 +169,12 @@ class CompactDecoder:
         self._inv_freq, self._rope_scale, rope_index = _rotary_tables(body.rotary_emb, config)
         self._layers = [self._convert_layer(layer, rope_index(i)) for i, layer in enumerate(body.layers)]
         self._final_norm = self._norm_weight(body.norm)
+        self._one_row_step = one_row_step_for(self, getattr(config, "hidden_activation", None) or config.hidden_act)
         head = model.get_output_embeddings()
         if output_token_ids is not None and getattr(head, "bias", None) is not None:
             raise UnsupportedArchitecture("subset heads with a bias are not supported")
         self._full_head = head.weight  # the target's, shared: extra rows are gathered from it
-        self._head = (head.weight if output_token_ids is None else head.weight[output_token_ids]).to(dtype)
+        self._head = self._weight(head.weight if output_token_ids is None else head.weight[output_token_ids])
         self._head_bias = None if getattr(head, "bias", None) is None else head.bias.float()
         self._in_head = None
         if output_token_ids is not None:
@@ -209,6 +265,8 @@ class CompactDecoder:
 
     # ---- the decoder -------------------------------------------------------------------------
     def _body(self, token_ids: torch.Tensor, cache: CompactCache) -> torch.Tensor:
+        if token_ids.shape[0] == 1 and self._one_row_step is not None:  # a draft step: native, all layers
+            return self._one_row_step(token_ids, cache)
         return self._packed_body([token_ids], [cache])
 
     def _packed_body(self, token_ids: list[torch.Tensor], caches: list) -> torch.Tensor:
@@ -296,28 +354,34 @@ class CompactDecoder:
         gemma_style = hasattr(layer, "pre_feedforward_layernorm")
         return _Layer(
             input_norm=self._norm_weight(layer.input_layernorm),
-            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(self.dtype),
+            qkv=self._weight(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
             qkv_bias=qkv_bias,
             q_norm=self._norm_weight(attn.q_norm) if getattr(attn, "q_norm", None) is not None else None,
             k_norm=self._norm_weight(attn.k_norm) if getattr(attn, "k_norm", None) is not None else None,
-            o=attn.o_proj.weight.to(self.dtype),
+            o=self._weight(attn.o_proj.weight),
             post_attention_norm=self._norm_weight(layer.post_attention_layernorm) if gemma_style else None,
             pre_mlp_norm=self._norm_weight(layer.pre_feedforward_layernorm if gemma_style
                                            else layer.post_attention_layernorm),
             post_mlp_norm=self._norm_weight(layer.post_feedforward_layernorm) if gemma_style else None,
-            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(self.dtype),
-            down=mlp.down_proj.weight.to(self.dtype),
+            gate_up=self._weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+            down=self._weight(mlp.down_proj.weight),
             rope=rope,
             sliding_window=getattr(attn, "sliding_window", None) or None,
             scaling=float(attn.scaling),
         )
+
+    def _weight(self, weight: torch.Tensor) -> Weight:
+        """A matrix as this decoder multiplies it: in its dtype (shared where it already is), or int8."""
+        return Int8Weight.quantize(weight) if self._int8_weights else weight.to(self.dtype)
 
     def _norm_weight(self, norm: nn.Module) -> torch.Tensor:
         weight = norm.weight.detach().float()
         return 1.0 + weight if self._gemma else weight  # Gemma scales by (1 + w)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    if isinstance(weight, Int8Weight):
+        return weight.product(x)
     if x.device.type != "cpu":
         return x @ weight.T
     if x.shape[0] <= FEW_ROWS:

@@ -54,6 +54,22 @@ def few_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ x.T).T
 
 
+def int8_product(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x [rows, in] @ (data * scale[:, None]).T in float32 for int8 `data` [out, in] and float32
+    `scale` [out], by the native kernel (both cores, one read of the int8 weights); None where
+    the kernel is unavailable. PyTorch's own int8 kernel (_weight_int8pack_mm) reads them at
+    about half the speed from memory (Gemma's 4096 x 640 gate|up: 0.26 ms against ~0.13)."""
+    kernel = native_matmul.library()
+    if kernel is None or x.device.type != "cpu":
+        return None
+    rows, (out_features, in_features) = x.shape[0], data.shape
+    activations = x.float().contiguous()
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    kernel.few_rows_i8_parallel(data.data_ptr(), scale.data_ptr(), activations.data_ptr(), out.data_ptr(),
+                                out_features, in_features, rows, torch.get_num_threads())
+    return out
+
+
 def _native_product(kernel, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows, (out_features, in_features) = x.shape[0], weight.shape
     activations = x.float().contiguous()

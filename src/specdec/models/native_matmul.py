@@ -1,4 +1,7 @@
-"""The few-row product kernel (native/few_rows.c): compiled once per machine, loaded by ctypes.
+"""The native CPU kernels (native/*.c: few-row products, the one-row decode step): compiled
+once per machine, loaded by ctypes.
+
+Import torch before loading it: its OpenMP calls then bind to the libgomp PyTorch loaded.
 
 It is optional. Without a C compiler, or where the build fails, the CPU paths fall back to
 PyTorch's own products (cpu_matmul.py), at the speeds measured there; SPECDEC_NATIVE=0
@@ -16,11 +19,13 @@ import subprocess
 import threading
 from pathlib import Path
 
+import torch  # noqa: F401  (loaded first: the kernel's OpenMP binds to PyTorch's libgomp)
+
 from .cache_dir import cache_root
 
 log = logging.getLogger("specdec")
 
-SOURCE = Path(__file__).with_name("native") / "few_rows.c"
+SOURCES = [Path(__file__).with_name("native") / name for name in ("few_rows.c", "one_row_step.c")]
 _library: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
@@ -45,31 +50,39 @@ def _build_and_load() -> ctypes.CDLL | None:
         log.info("no C compiler found: CPU few-row products use PyTorch's (slower for 2-16 rows)")
         return None
     # -march=native code runs only where it was built: the key names the CPU, not just the source.
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_identity()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + _cpu_identity()).hexdigest()[:16]
     built = cache_root() / "native" / f"few_rows-{key}.so"
     if not built.exists():
         built.parent.mkdir(parents=True, exist_ok=True)
         staging = built.with_name(f"{built.stem}.{os.getpid()}.tmp")
-        command = [compiler, "-O3", "-march=native", "-fPIC", "-shared", "-o", str(staging), str(SOURCE)]
+        command = [compiler, "-O3", "-march=native", "-fPIC", "-shared", "-o", str(staging), *map(str, SOURCES), "-lm"]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            # Without OpenMP (no libgomp to link) the kernel still builds, running on one thread.
+            result = subprocess.run(command[:1] + ["-fopenmp"] + command[1:], capture_output=True, text=True,
+                                    timeout=120)
+            if result.returncode != 0:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("building the few-row kernel failed (%s): using PyTorch's products", exc)
+            log.warning("building the native CPU kernels failed (%s): using PyTorch's products", exc)
             return None
         if result.returncode != 0:
-            log.warning("building the few-row kernel failed: using PyTorch's products\n%s", result.stderr[-2000:])
+            log.warning("building the native CPU kernels failed: using PyTorch's products\n%s", result.stderr[-2000:])
             staging.unlink(missing_ok=True)
             return None
         os.replace(staging, built)
     try:
         lib = ctypes.CDLL(str(built))
     except OSError as exc:
-        log.warning("loading the few-row kernel failed (%s): using PyTorch's products", exc)
+        log.warning("loading the native CPU kernels failed (%s): using PyTorch's products", exc)
         return None
-    arguments = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5
-    lib.few_rows_f32.argtypes, lib.few_rows_f32.restype = arguments, None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.few_rows_f32.argtypes, lib.few_rows_f32.restype = [pointer] * 3 + [size] * 5, None
+    lib.few_rows_i8_parallel.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
+    lib.few_rows_i8_parallel.restype = None
+    lib.one_row_step.argtypes = [pointer, ctypes.c_int64, pointer, pointer, ctypes.c_int64]
+    lib.one_row_step.restype = None
     if not lib.few_rows_vectorized():
-        log.info("the few-row kernel was built without AVX2/FMA: using PyTorch's products")
+        log.info("the native CPU kernels were built without AVX2/FMA: using PyTorch's products")
         return None
     return lib
 

@@ -3,8 +3,11 @@
 On CPU, decoding reads every weight once per token, so a draft is cheap when it reads few
 bytes. The clone shares the target's embedding table (no copy) and changes two things:
   precision  bfloat16 (every weight but the embedding; half the bytes, and Gemma-style
-             norms still compute in float32) or int8 dynamic quantization of the linears
-             (a quarter of the bytes, but activation outliers cost acceptance on some models);
+             norms still compute in float32) or int8 (a quarter of the bytes). On CPU the
+             int8 draft is weight-only, one scale per output row, with float32 activations
+             (compact_decoder.Int8Weight); where the compact decoder does not apply it falls
+             back to dynamic quantization of a transformers clone, whose int8 activations
+             lose acceptance on models with activation outliers;
   vocabulary an output head over only the `draft_vocab` most frequent tokens, which for
              large-vocabulary models is most of the saving (Gemma 3 270M: the 262k x 640 head
              is 60 % of the weights). See token_frequency.py.
@@ -21,33 +24,33 @@ import torch
 from torch import nn
 
 from ..errors import SpecDecError
-from .compact_decoder import CompactDecoder, UnsupportedArchitecture
+from .compact_decoder import CompactDecoder, UnsupportedArchitecture, unsupported_reason
 from .cpu_matmul import FewRowLinear
 from .hf import HFCausalLM
 
 log = logging.getLogger("specdec")
 
-SCHEMES = ("bfloat16", "int8")
+SCHEMES = ("auto", "bfloat16", "int8")
 DEFAULT_DRAFT_VOCAB = 32768  # covers ~95 % of Gemma 3's greedy picks on English text and code
 
 
 def build_self_draft(
     target: HFCausalLM,
-    scheme: str = "bfloat16",
+    scheme: str = "auto",
     draft_vocab: int | None = None,
     token_ranking: torch.Tensor | None = None,
 ) -> HFCausalLM | CompactDecoder:
     """Clone `target` at `scheme` precision; with `draft_vocab`, keep the head's top-ranked rows only.
 
-    On CPU the bfloat16 draft runs on the compact decoder (compact_decoder.py), which also
-    gives each sequence head rows for its own context tokens; elsewhere it is a
-    `transformers` clone.
+    On CPU the draft runs on the compact decoder (compact_decoder.py), which also gives each
+    sequence head rows for its own context tokens; elsewhere it is a `transformers` clone.
 
     token_ranking: every token id, most useful first (token_frequency.frequent_tokens);
     needed when draft_vocab is smaller than the vocabulary.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown self-draft scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    scheme = resolve_scheme(target, scheme)
     if scheme == "int8" and (target.device.type != "cpu" or target.dtype != torch.float32):
         raise ValueError("int8 self-drafts use CPU float32 kernels (fbgemm); elsewhere use the bfloat16 scheme")
     if draft_vocab is not None and draft_vocab >= target.vocab_size:
@@ -59,17 +62,29 @@ def build_self_draft(
             raise ValueError("a reduced draft vocabulary needs a token ranking covering at least draft_vocab ids")
     started = time.perf_counter()
     draft = None
-    if scheme == "bfloat16" and target.device.type == "cpu":
+    if target.device.type == "cpu":
         try:
-            draft = CompactDecoder(target.model, _draft_name(target.name, scheme, draft_vocab), torch.bfloat16,
+            # int8 weights multiply float32 activations in the native kernel: no casts per product.
+            dtype = torch.float32 if scheme == "int8" else torch.bfloat16
+            draft = CompactDecoder(target.model, _draft_name(target.name, scheme, draft_vocab), dtype,
                                    set(target.eos_token_ids), target.vocab_size,
-                                   _subset(token_ranking, draft_vocab))
+                                   _subset(token_ranking, draft_vocab), int8_weights=scheme == "int8")
         except UnsupportedArchitecture as exc:
             log.info("%s; the self-draft runs through transformers instead", exc)
     if draft is None:
         draft = _clone_self_draft(target, scheme, draft_vocab, token_ranking)
     log.info("built %s in %.1f s", draft.name, time.perf_counter() - started)
     return draft
+
+
+def resolve_scheme(target: HFCausalLM, scheme: str) -> str:
+    """"auto": int8 where it runs weight-only on the compact decoder (a CPU float32 target of a
+    supported family: a quarter of the target's bytes, ~10 % of its step on the default model),
+    bfloat16 elsewhere."""
+    if scheme != "auto":
+        return scheme
+    compact = target.device.type == "cpu" and unsupported_reason(target.model) is None
+    return "int8" if compact and target.dtype == torch.float32 else "bfloat16"
 
 
 def _clone_self_draft(target: HFCausalLM, scheme: str, draft_vocab: int | None,
@@ -166,7 +181,7 @@ def _int8_linear(linear: nn.Linear) -> nn.Module:
         return DynamicQuantizedLinear.from_float(float_linear)
 
 
-def self_draft_for(target: HFCausalLM, tokenizer, scheme: str = "bfloat16",
+def self_draft_for(target: HFCausalLM, tokenizer, scheme: str = "auto",
                    draft_vocab: int | None = DEFAULT_DRAFT_VOCAB) -> HFCausalLM | CompactDecoder:
     """The self-draft as the engine builds it: the vocabulary cut by corpus frequency when the
     target has a tokenizer to rank tokens with, the whole vocabulary otherwise."""

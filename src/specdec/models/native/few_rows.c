@@ -1,4 +1,4 @@
-/* Few-row products for CPU decoding: Y[j, r] = dot(W[r, :], X[j, :]) for r in [begin, end).
+/* Few-row products for CPU decoding: Y[j, r] = scale[r] * dot(W[r, :], X[j, :]) for r in [begin, end).
  *
  * A decode or verify step multiplies 1-16 activation rows by every weight matrix. The weights
  * must stream from memory once per step, whatever the row count; BLAS libraries either run
@@ -7,15 +7,27 @@
  * in L1, so memory traffic is one pass over W for any n <= 16 and the arithmetic (n FMAs per
  * weight) stays under the memory time on AVX2 cores.
  *
- * W, X and Y are float32; Y has leading dimension ldy (the full output width), so callers can
- * split the rows across threads. Built at first use by specdec/models/native_matmul.py.
+ * X and Y are float32; W is float32 (scale 1) or int8 with one float32 scale per row (weight-only
+ * quantization: the int8 values are widened to float in registers, so activations are never
+ * rounded). Y has leading dimension ldy (the full output width), so the rows can be split
+ * across threads: the *_parallel entries split them over OpenMP threads. Linked against the
+ * libgomp that PyTorch has already loaded (same soname), they share its thread pool instead of
+ * starting a second one that would spin against it. Built at first use by
+ * specdec/models/native_matmul.py.
  */
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
 static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
+
+static inline __m256 load_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -25,8 +37,9 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-/* The body, written once for any weight type: LOAD8 loads 8 weights as floats, SCALAR one. */
-#define FEW_ROWS_BODY(WT, LOAD8, SCALAR)                                                       \
+/* The body, written once for any weight type: LOAD8 loads 8 weights as floats, SCALAR one,
+ * SCALE(r) is row r's scale. */
+#define FEW_ROWS_BODY(WT, LOAD8, SCALAR, SCALE)                                                \
     int64_t r = begin;                                                                         \
     for (; r + 4 <= end; r += 4) {                                                             \
         const WT *w0 = W + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;       \
@@ -44,11 +57,12 @@ static inline float hsum(__m256 v) {
                 s10 += v0 * b; s11 += v1 * b; s12 += v2 * b; s13 += v3 * b;                    \
             }                                                                                  \
             VEC_STORE                                                                          \
+            const float c0 = SCALE(r), c1 = SCALE(r + 1), c2 = SCALE(r + 2), c3 = SCALE(r + 3);   \
             float *y0 = Y + j * ldy + r;                                                       \
-            y0[0] = s00; y0[1] = s01; y0[2] = s02; y0[3] = s03;                                \
+            y0[0] = c0 * s00; y0[1] = c1 * s01; y0[2] = c2 * s02; y0[3] = c3 * s03;            \
             if (j + 1 < n) {                                                                   \
                 float *y1 = y0 + ldy;                                                          \
-                y1[0] = s10; y1[1] = s11; y1[2] = s12; y1[3] = s13;                            \
+                y1[0] = c0 * s10; y1[1] = c1 * s11; y1[2] = c2 * s12; y1[3] = c3 * s13;        \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
@@ -58,7 +72,7 @@ static inline float hsum(__m256 v) {
             const float *x = X + j * cols;                                                     \
             float s = 0;                                                                       \
             for (int64_t c = 0; c < cols; ++c) s += SCALAR(w[c]) * x[c];                       \
-            Y[j * ldy + r] = s;                                                                \
+            Y[j * ldy + r] = SCALE(r) * s;                                                     \
         }                                                                                      \
     }
 
@@ -69,6 +83,7 @@ static inline float hsum(__m256 v) {
 #define VEC_LOOP(LOAD8)                                                                        \
     for (; c + 8 <= cols; c += 8) {                                                            \
         __m256 xa = _mm256_loadu_ps(x0 + c), xb = _mm256_loadu_ps(x1 + c);                    \
+        if (j == 0) PREFETCH_NEXT_BLOCK(w0, w1, w2, w3, 4 * cols + c)                          \
         __m256 v = LOAD8(w0 + c);                                                              \
         a00 = _mm256_fmadd_ps(v, xa, a00); a10 = _mm256_fmadd_ps(v, xb, a10);                  \
         v = LOAD8(w1 + c);                                                                     \
@@ -78,6 +93,15 @@ static inline float hsum(__m256 v) {
         v = LOAD8(w3 + c);                                                                     \
         a03 = _mm256_fmadd_ps(v, xa, a03); a13 = _mm256_fmadd_ps(v, xb, a13);                  \
     }
+/* The hardware prefetcher alone left these loops at about half the memory bandwidth: fetch
+ * the next block of rows (the same columns, one block ahead) while this one is multiplied. */
+#define PREFETCH_NEXT_BLOCK(w0, w1, w2, w3, ahead)                                             \
+    {                                                                                          \
+        _mm_prefetch((const char *)(w0 + (ahead)), _MM_HINT_T0);                               \
+        _mm_prefetch((const char *)(w1 + (ahead)), _MM_HINT_T0);                               \
+        _mm_prefetch((const char *)(w2 + (ahead)), _MM_HINT_T0);                               \
+        _mm_prefetch((const char *)(w3 + (ahead)), _MM_HINT_T0);                               \
+    }
 #define VEC_STORE                                                                              \
     s00 += hsum(a00); s01 += hsum(a01); s02 += hsum(a02); s03 += hsum(a03);                    \
     s10 += hsum(a10); s11 += hsum(a11); s12 += hsum(a12); s13 += hsum(a13);
@@ -86,13 +110,92 @@ static inline float hsum(__m256 v) {
 #define VEC_LOOP(LOAD8)
 #define VEC_STORE
 #define load_f32(p) 0
+#define load_i8(p) 0
+#define PREFETCH_NEXT_BLOCK(w0, w1, w2, w3, ahead)
 #endif
 
 #define IDENTITY(v) (v)
+#define WIDEN(v) ((float)(v))
+#define UNIT(r) 1.0f
+#define ROW_SCALE(r) scale[r]
 
 void few_rows_f32(const float *W, const float *X, float *Y, int64_t begin, int64_t end, int64_t cols,
                   int64_t n, int64_t ldy) {
-    FEW_ROWS_BODY(float, load_f32, IDENTITY)
+    FEW_ROWS_BODY(float, load_f32, IDENTITY, UNIT)
+}
+
+void few_rows_i8(const int8_t *W, const float *scale, const float *X, float *Y, int64_t begin, int64_t end,
+                 int64_t cols, int64_t n, int64_t ldy) {
+    FEW_ROWS_BODY(int8_t, load_i8, WIDEN, ROW_SCALE)
+}
+
+/* One activation row (a decode step): 16 int8 weights per row per iteration, two accumulators. */
+static void one_row_i8(const int8_t *W, const float *scale, const float *x, float *y, int64_t begin, int64_t end,
+                       int64_t cols) {
+    int64_t r = begin;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; r + 4 <= end; r += 4) {
+        const int8_t *w0 = W + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int64_t c = 0;
+        for (; c + 16 <= cols; c += 16) {
+            __m256 xa = _mm256_loadu_ps(x + c), xb = _mm256_loadu_ps(x + c + 8);
+            PREFETCH_NEXT_BLOCK(w0, w1, w2, w3, 4 * cols + c)
+#define ROW16(w, a, b)                                                                         \
+    {                                                                                          \
+        __m128i v = _mm_loadu_si128((const __m128i *)(w + c));                                 \
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), xa, a);               \
+        b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), xb, b); \
+    }
+            ROW16(w0, a0, b0) ROW16(w1, a1, b1) ROW16(w2, a2, b2) ROW16(w3, a3, b3)
+#undef ROW16
+        }
+        float s0 = hsum(_mm256_add_ps(a0, b0)), s1 = hsum(_mm256_add_ps(a1, b1));
+        float s2 = hsum(_mm256_add_ps(a2, b2)), s3 = hsum(_mm256_add_ps(a3, b3));
+        for (; c < cols; ++c) {
+            s0 += w0[c] * x[c]; s1 += w1[c] * x[c]; s2 += w2[c] * x[c]; s3 += w3[c] * x[c];
+        }
+        y[r] = s0 * scale[r]; y[r + 1] = s1 * scale[r + 1]; y[r + 2] = s2 * scale[r + 2]; y[r + 3] = s3 * scale[r + 3];
+    }
+#endif
+    for (; r < end; ++r) {
+        const int8_t *w = W + r * cols;
+        float s = 0;
+        for (int64_t c = 0; c < cols; ++c) s += w[c] * x[c];
+        y[r] = s * scale[r];
+    }
+}
+
+/* Each of `threads` threads takes a block of rows (a multiple of 4, so no block splits a group). */
+#define SPLIT_ROWS(CALL)                                                                       \
+    int64_t parts = threads < 1 ? 1 : threads;                                                 \
+    int64_t step = ((rows + parts - 1) / parts + 3) / 4 * 4;                                   \
+    _Pragma("omp parallel for num_threads(threads) schedule(static, 1)")                       \
+    for (int64_t part = 0; part < parts; ++part) {                                             \
+        int64_t begin = part * step, end = begin + step < rows ? begin + step : rows;          \
+        if (begin < end) CALL;                                                                 \
+    }
+
+void few_rows_f32_parallel(const float *W, const float *X, float *Y, int64_t rows, int64_t cols, int64_t n,
+                           int threads) {
+    SPLIT_ROWS(few_rows_f32(W, X, Y, begin, end, cols, n, rows))
+}
+
+void few_rows_i8_parallel(const int8_t *W, const float *scale, const float *X, float *Y, int64_t rows,
+                          int64_t cols, int64_t n, int threads) {
+    if (n == 1) {
+        SPLIT_ROWS(one_row_i8(W, scale, X, Y, begin, end, cols))
+    } else {
+        SPLIT_ROWS(few_rows_i8(W, scale, X, Y, begin, end, cols, n, rows))
+    }
+}
+
+int few_rows_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 int few_rows_vectorized(void) {
