@@ -233,3 +233,11 @@ def test_planner_probes_a_sequence_it_left_at_zero():
     plans = [planner.plan(policies, [50, 50]) for _ in range(16)]
     assert sum(sum(p) for p in plans) >= 2  # a 1-token probe now and then
     assert sum(sum(p) for p in plans) <= 8
+
+
+def test_planner_probes_less_often_the_longer_a_sequence_stays_off():
+    planner = _planner(fixed_s=0.0, per_row_s=0.01)
+    policies = _policies(0.1, 1) + _policies(0.95, 1)
+    probes = [i for i in range(1, 201) if planner.plan(policies, [50, 50])[0]]
+    assert probes[:4] == [8, 24, 56, 120]  # after 8, 16, 32, then 64 steps off
+    assert len(probes) == 5

@@ -24,6 +24,9 @@ INITIAL_DRAFT_TOKENS = 4  # until the first costs are measured
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 4.0  # pseudo-observations behind the acceptance estimate
 DECAY = 0.9  # per step: recent drafts count more (text changes character as it goes)
 PROBE_EVERY = 8  # steps between 1-token probes while speculation is off
+# In a batch, a sequence left at k = 0 probes after 8, then 16, 32, 64 more steps: each probe
+# makes its draft catch up on every token since the last, which a busy step cannot hide.
+MAX_PROBE_INTERVAL = 64
 
 
 class DraftLengthPolicy:
@@ -128,13 +131,15 @@ class BatchDraftPlanner:
     T_verify(rows) is measured per row count and interpolated; outside what was measured
     it is extended at the measured slope (flat until two counts are known, which makes
     the planner try a longer pass once and learn its cost). Sequences whose k is fixed
-    (by the request, or by a seed that must reproduce) keep their own.
+    (by the request, or by a seed that must reproduce) keep their own. A sequence left at 0
+    gets a 1-token probe now and then, less often the longer it stays off (_probe).
     """
 
     def __init__(self, maximum: int = MAX_DRAFT_TOKENS) -> None:
         self.maximum = maximum
         self._verify_s: dict[int, float] = {}  # rows in the pass -> smoothed seconds
         self._steps_off: dict[int, int] = {}  # id(policy) -> consecutive steps with k = 0
+        self._probe_at: dict[int, tuple[int, int]] = {}  # id(policy) -> (steps off at next probe, interval)
 
     def plan(self, policies: list[DraftLengthPolicy], budgets: list[int]) -> list[int]:
         """One k per sequence; budgets: room left for draft tokens (see DraftLengthPolicy.next)."""
@@ -170,13 +175,23 @@ class BatchDraftPlanner:
 
     def _probe(self, policies, budgets, flexible, ks) -> list[int]:
         # A sequence left at k = 0 still needs an acceptance estimate that can recover.
+        # Probes back off (PROBE_EVERY, doubling to MAX_PROBE_INTERVAL) while it stays off.
         seen = {id(policies[i]) for i in flexible}
         self._steps_off = {key: n for key, n in self._steps_off.items() if key in seen}
+        self._probe_at = {key: at for key, at in self._probe_at.items() if key in seen}
         for i in flexible:
             key = id(policies[i])
-            self._steps_off[key] = self._steps_off.get(key, 0) + 1 if ks[i] == 0 else 0
-            if ks[i] == 0 and budgets[i] > 0 and self._steps_off[key] % PROBE_EVERY == 0:
+            if ks[i] > 0:
+                self._steps_off.pop(key, None)
+                self._probe_at.pop(key, None)
+                continue
+            off = self._steps_off[key] = self._steps_off.get(key, 0) + 1
+            at, interval = self._probe_at.get(key, (PROBE_EVERY, PROBE_EVERY))
+            if budgets[i] > 0 and off >= at:
                 ks[i] = 1
+                interval = min(2 * interval, MAX_PROBE_INTERVAL)
+                at = off + interval
+            self._probe_at[key] = (at, interval)
         return ks
 
     def observe(self, rows: int, seconds: float) -> None:
