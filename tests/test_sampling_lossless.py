@@ -81,6 +81,16 @@ def test_self_draft_sampling_follows_target_law(pair):
     assert_self_draft_follows_target_law(target, params, build_self_draft(target, "bfloat16"), seed0=300)
 
 
+def test_int8_self_draft_sampling_follows_target_law():
+    # int8 weights (weight-only, native one-token step) make q differ from the target's p by
+    # quantization error: every sample must still follow p exactly.
+    from specdec.models.self_draft import build_self_draft
+
+    target = HFCausalLM(tiny.llama(seed=3, vocab=VOCAB, hidden=32, dtype=torch.float32), "t16f", eos_token_ids=set())
+    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, num_draft_tokens=2)
+    assert_self_draft_follows_target_law(target, params, build_self_draft(target, "int8"), seed0=600)
+
+
 def test_subset_vocabulary_self_draft_sampling_follows_target_law(pair):
     # The draft's head scores 6 of 16 tokens (plus the prompt's own): q is zero for the rest,
     # where every sample must come from the residual distribution.
