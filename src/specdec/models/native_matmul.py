@@ -80,7 +80,7 @@ def _build_and_load() -> ctypes.CDLL | None:
     lib.few_rows_i8_parallel.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
     lib.few_rows_i8_parallel.restype = None
     lib.one_row_step.argtypes = [pointer, ctypes.c_int64, pointer, pointer, ctypes.c_int64]
-    lib.one_row_step.restype = None
+    lib.one_row_step.restype = ctypes.c_int
     if not lib.few_rows_vectorized():
         log.info("the native CPU kernels were built without AVX2/FMA: using PyTorch's products")
         return None

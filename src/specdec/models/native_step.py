@@ -10,6 +10,7 @@ PyTorch path, which computes the same function (tests/test_native_step.py compar
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 
@@ -42,6 +43,7 @@ class OneRowStep:
         from .compact_decoder import _cos_sin  # [1, 1, head_dim] each, contiguous
 
         self._decoder, self._library, self._cos_sin = decoder, library, _cos_sin
+        self._lock = threading.Lock()  # the layer table below holds one call's cache pointers
         first = decoder._layers[0]
         self._shape = _Shape(hidden=first.gate_up.shape[1], heads=decoder._heads, kv_heads=decoder._kv_heads,
                              head_dim=decoder._head_dim, intermediate=first.gate_up.shape[0] // 2,
@@ -64,14 +66,17 @@ class OneRowStep:
         positions = torch.tensor([position], dtype=torch.float32)
         rotary = [self._cos_sin(positions, inv_freq, scale) for inv_freq, scale in zip(decoder._inv_freq,
                                                                                       decoder._rope_scale)]
-        for i, (slot, layer) in enumerate(zip(self._layers, decoder._layers)):
-            cos, sin = rotary[layer.rope]
-            slot.cos, slot.sin = cos.data_ptr(), sin.data_ptr()
-            slot.keys, slot.values = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
-        self._shape.capacity = cache.keys[0].shape[1]
-        self._shape.threads = torch.get_num_threads()
-        self._library.one_row_step(ctypes.byref(self._layers), len(self._layers), ctypes.byref(self._shape),
-                                   hidden.data_ptr(), position)
+        with self._lock:
+            for i, (slot, layer) in enumerate(zip(self._layers, decoder._layers)):
+                cos, sin = rotary[layer.rope]
+                slot.cos, slot.sin = cos.data_ptr(), sin.data_ptr()
+                slot.keys, slot.values = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
+            self._shape.capacity = cache.keys[0].shape[1]
+            self._shape.threads = torch.get_num_threads()
+            status = self._library.one_row_step(ctypes.byref(self._layers), len(self._layers),
+                                                ctypes.byref(self._shape), hidden.data_ptr(), position)
+        if status != 0:
+            raise MemoryError("the native draft step could not allocate its scratch memory")
         cache.length = position + 1
         return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), decoder._final_norm, decoder._eps)
 

@@ -10,7 +10,7 @@
  * X and Y are float32; W is float32 (scale 1) or int8 with one float32 scale per row (weight-only
  * quantization: the int8 values are widened to float in registers, so activations are never
  * rounded). Y has leading dimension ldy (the full output width), so the rows can be split
- * across threads: the *_parallel entries split them over OpenMP threads. Linked against the
+ * across threads: few_rows_i8_parallel splits them over OpenMP threads. Linked against the
  * libgomp that PyTorch has already loaded (same soname), they share its thread pool instead of
  * starting a second one that would spin against it. Built at first use by
  * specdec/models/native_matmul.py.
@@ -175,11 +175,6 @@ static void one_row_i8(const int8_t *W, const float *scale, const float *x, floa
         int64_t begin = part * step, end = begin + step < rows ? begin + step : rows;          \
         if (begin < end) CALL;                                                                 \
     }
-
-void few_rows_f32_parallel(const float *W, const float *X, float *Y, int64_t rows, int64_t cols, int64_t n,
-                           int threads) {
-    SPLIT_ROWS(few_rows_f32(W, X, Y, begin, end, cols, n, rows))
-}
 
 void few_rows_i8_parallel(const int8_t *W, const float *scale, const float *X, float *Y, int64_t rows,
                           int64_t cols, int64_t n, int threads) {

@@ -60,15 +60,20 @@ static float activate(float x, int kind) {
     return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-/* hidden [shape.hidden] in/out: the residual stream of the token at `position`. */
-void one_row_step(const step_layer *layers, int64_t n_layers, const step_shape *shape, float *hidden,
-                  int64_t position) {
+/* hidden [shape.hidden] in/out: the residual stream of the token at `position`.
+ * Returns 0, or -1 when its scratch memory cannot be allocated (hidden and the cache untouched). */
+int one_row_step(const step_layer *layers, int64_t n_layers, const step_shape *shape, float *hidden,
+                 int64_t position) {
     const int64_t H = shape->hidden, d = shape->head_dim, heads = shape->heads, kv = shape->kv_heads;
     const int64_t q_rows = heads * d, qkv_rows = (heads + 2 * kv) * d, I = shape->intermediate;
     const int64_t group = heads / kv;
     float *x = malloc(sizeof(float) * H), *qkv = malloc(sizeof(float) * qkv_rows);
     float *attended = malloc(sizeof(float) * q_rows), *out = malloc(sizeof(float) * H);
     float *gate_up = malloc(sizeof(float) * 2 * I), *scores = malloc(sizeof(float) * heads * (position + 1));
+    if (!x || !qkv || !attended || !out || !gate_up || !scores) {
+        free(x); free(qkv); free(attended); free(out); free(gate_up); free(scores);
+        return -1;
+    }
     for (int64_t l = 0; l < n_layers; ++l) {
         const step_layer *L = &layers[l];
         rms_norm(hidden, L->input_norm, x, H, shape->eps);
@@ -118,4 +123,5 @@ void one_row_step(const step_layer *layers, int64_t n_layers, const step_shape *
         for (int64_t i = 0; i < H; ++i) hidden[i] += out[i];
     }
     free(x); free(qkv); free(attended); free(out); free(gate_up); free(scores);
+    return 0;
 }
