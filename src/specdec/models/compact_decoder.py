@@ -50,10 +50,11 @@ class Int8Weight:
         weight = weight.detach()
         data = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        for rows in range(0, weight.shape[0], 8192):  # float temporaries a block at a time, not the whole head
-            block = weight[rows : rows + 8192].float()
-            scale[rows : rows + 8192] = (block.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-            data[rows : rows + 8192] = torch.round(block / scale[rows : rows + 8192, None]).clamp_(-127, 127)
+        # Float temporaries a block of rows at a time, not the whole head's.
+        for block, block_data, block_scale in zip(weight.split(8192), data.split(8192), scale.split(8192)):
+            block = block.float()
+            block_scale.copy_((block.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny))
+            block_data.copy_(torch.round(block / block_scale[:, None]).clamp_(-127, 127))
         return cls(data, scale)
 
     @property
