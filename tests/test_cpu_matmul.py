@@ -53,8 +53,10 @@ def test_native_kernel_builds_where_a_compiler_exists():
 @needs_compiler
 @pytest.mark.parametrize("rows,out_features,in_features,split", [
     (1, 9, 100, False),  # row and column tails: 9 = 2 blocks of 4 + 1, 100 = 12 vectors of 8 + 4
-    (6, 4099, 64, True),  # odd row count (the second row of the last pair is a duplicate, not stored)
+    (5, 4099, 64, True),  # rows in threes: the last group of two repeats one row, not stored
     (16, 1000, 640, True),
+    (4, 9, 603, False),  # column tiles of 256: two full, one of 88, then a scalar tail of 3
+    (17, 37, 603, True),  # more rows than one group of accumulators holds (16), then one
 ])
 def test_native_kernel_matches_float64_on_every_tail(monkeypatch, rows, out_features, in_features, split):
     import specdec.models.cpu_matmul as cpu_matmul
@@ -78,6 +80,7 @@ def test_native_kernel_can_be_turned_off(monkeypatch):
     (2, 13, 37),  # few-row path, column tail shorter than a vector
     (7, 1001, 64),
     (16, 130, 2048),
+    (17, 37, 603),  # two groups of rows (16 + 1), column tiles and a tail
 ])
 def test_int8_kernel_matches_its_dequantized_weights_on_every_tail(monkeypatch, rows, out_features, in_features):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # blocks the threads do not divide evenly

@@ -9,7 +9,8 @@ import torch
 
 import specdec
 from specdec import Engine
-from specdec.models.compact_decoder import CompactDecoder
+from specdec.models.compact_decoder import CompactDecoder, compact_target_for
+from specdec.sampling_params import SamplingParams
 from specdec.models.self_draft import build_self_draft, resolve_scheme
 import tiny
 from test_greedy_exactness import PROMPTS, reference_greedy, run
@@ -61,6 +62,32 @@ def test_int8_self_draft_is_exact_within_tie_tolerance(float32_target, drafter, 
             top2 = target.model(torch.tensor([prompt + expected[:i]])).logits[0, -1].topk(2).values
             assert float(top2[0] - top2[1]) < 1e-4
     assert accepted > 0  # the draft was used, not bypassed
+
+
+@pytest.mark.parametrize("drafter", ["self", "ngram+self"])
+def test_self_draft_reads_context_it_has_not_seen_from_the_compact_targets_cache(float32_target, drafter):
+    target = compact_target_for(float32_target)
+    draft = build_self_draft(float32_target, "int8")
+    assert draft.renders_same_model(target) and not draft.renders_same_model(draft)
+    engine = Engine(target, drafter=drafter, draft_model=draft)
+    prompt = PROMPTS[0]
+    generation = engine.start(prompt, SamplingParams(max_new_tokens=30, num_draft_tokens=3))
+    generation.step()
+    model_drafter = getattr(generation.drafter, "model_drafter", generation.drafter)
+    if drafter == "self":  # the first proposal fed one position, not the prompt
+        assert generation.stats.draft_positions == 3
+        n = len(prompt) - 1
+        for mine, theirs in zip(model_drafter.cache.keys, generation.cache.keys):
+            assert torch.equal(mine[:, :n], theirs[:, :n])
+    while not generation.finished:
+        generation.step()
+    assert generation.output().token_ids == reference_greedy(float32_target, prompt, 30)
+
+
+def test_a_draft_of_another_model_computes_its_own_context(float32_target):
+    other = tiny.wrap(tiny.llama(seed=1, dtype=torch.float32))
+    target = compact_target_for(float32_target)
+    assert not compact_target_for(other).renders_same_model(target)
 
 
 def test_auto_precision_is_int8_for_float32_cpu_targets_only(target_llama):

@@ -76,6 +76,9 @@ class Generation:
         self.tokens[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
         self.prompt_length = self.length = len(prompt_ids)
         self.cache = target.new_cache()
+        share = getattr(drafter, "share_context", None)
+        if share is not None:  # a self-draft reads context it has not seen from the target's cache
+            share(target, self.cache)
         self.generator = _generator(target.device, params.seed)
         self.text_stream = TextStream(tokenizer, params.stop)
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))

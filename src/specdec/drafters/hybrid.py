@@ -31,6 +31,11 @@ class HybridDrafter(SteppedDrafter):
         self._last = self.model_drafter
         return (yield from proposal_steps(self.model_drafter, context, k, params, generator))
 
+    def share_context(self, target, target_cache) -> None:
+        share = getattr(self.model_drafter, "share_context", None)
+        if share is not None:
+            share(target, target_cache)
+
     def observe(self, num_accepted: int) -> None:
         if self._last is not None:
             self._last.observe(num_accepted)

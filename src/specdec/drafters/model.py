@@ -23,6 +23,15 @@ class ModelDrafter(SteppedDrafter):
         # Drafts with a subset head may extend it per sequence with the context's own tokens.
         self._covers_context = hasattr(model, "cover_context")
         self._token_ids: torch.Tensor | None = None  # logits column -> token id, this proposal
+        self._context_source: tuple[CausalLM, object] | None = None  # (target, its cache): see share_context
+
+    def share_context(self, target: CausalLM, target_cache: object) -> None:
+        """Where the draft renders the target's own model (a self-draft), context it has not
+        seen (the prompt, tokens another drafter proposed) is copied from the target's cache
+        instead of run through the draft."""
+        renders = getattr(self.model, "renders_same_model", None)
+        if renders is not None and renders(target):
+            self._context_source = (target, target_cache)
 
     def proposal_steps(
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
@@ -33,6 +42,13 @@ class ModelDrafter(SteppedDrafter):
             self._token_ids = self.model.column_token_ids(self.cache)
         else:
             self._token_ids = self.model.output_token_ids
+        if self._context_source is not None:
+            target, target_cache = self._context_source
+            # The target's cache holds the context but its last token (generation.py), which
+            # is fed here: its logits are the first draft's.
+            have = min(target.cache_length(target_cache), context.shape[0] - 1)
+            if have > self.model.cache_length(self.cache):
+                self.model.adopt_context(self.cache, target_cache, have)
         # The cache holds an accepted prefix of `context` (observe() rewound it); feed the rest.
         new_tokens = context[self.model.cache_length(self.cache) :]
         logits = yield DraftFeed(self.model, new_tokens, self.cache)  # [1, vocab]

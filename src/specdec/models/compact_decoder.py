@@ -194,6 +194,28 @@ class CompactDecoder:
             raise ValueError(f"cannot rewind a cache of {cache.length} positions to {length}")
         cache.length = length
 
+    # ---- a self-draft's context from its target -------------------------------------------
+    def renders_same_model(self, other: object) -> bool:
+        """True when `other` runs this decoder's own transformers model (this is its self-draft,
+        or its target): same layers, so the same cache layout and nearly the same keys and values."""
+        return isinstance(other, CompactDecoder) and other is not self and other.model is self.model
+
+    @torch.inference_mode()
+    def adopt_context(self, cache: CompactCache, source: CompactCache, length: int) -> None:
+        """Extend `cache` to `length` positions with the keys and values `source` holds there.
+        A self-draft takes the prompt from its target this way instead of recomputing it: on
+        CPU its int8 prefill of a 114-token prompt cost 6.3 s for Qwen2.5 1.5B (compute-bound
+        products), the copy a few MB. The draft only proposes, so this cannot change outputs;
+        its context is the target's exact one instead of its own approximation of it."""
+        start = cache.length
+        if length < start or length > source.length:
+            raise ValueError(f"cannot adopt positions {start}..{length} from a cache of {source.length}")
+        cache.reserve(length)
+        for mine, theirs in ((cache.keys, source.keys), (cache.values, source.values)):
+            for into, source_layer in zip(mine, theirs):
+                into[:, start:length].copy_(source_layer[:, start:length])
+        cache.length = length
+
     @torch.inference_mode()
     def prefill(self, token_ids: torch.Tensor, cache: CompactCache) -> None:
         for start in range(0, token_ids.shape[0], PREFILL_CHUNK):

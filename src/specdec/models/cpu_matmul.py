@@ -15,7 +15,8 @@ on the project's 2-core AMD EPYC with Gemma 3 270M's 262k x 640 head, float32, 6
 - float32 products of 6-16 rows read the weights more than once (the head: 4 rows 37-48 ms,
   9 rows 82-97, 12 rows 137-152), so those go to a small C kernel (native/few_rows.c) that
   reads them once (9 rows 61 ms, 16 rows 80). A 13-position verify of the whole model: 307 ->
-  201 ms.
+  201 ms. Matrices of 16 MB and more go to it from 2 rows: on Qwen2.5 1.5B's 151936 x 1536
+  head `W @ x.T` took 48-67 ms for 2-5 rows, the kernel 32-37 (one row: 32).
 """
 from __future__ import annotations
 
@@ -39,8 +40,11 @@ _pool_size = 0
 def few_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [rows, in] @ weight[out, in].T for the few-row products of decoding, on CPU."""
     rows = x.shape[0]
-    if (weight.dtype == torch.float32 and NATIVE_MIN_ROWS <= rows <= FEW_ROWS and weight.is_contiguous()
-            and not torch.is_grad_enabled()):
+    # Large matrices go native from 2 rows (split over the cores, one read of the weights);
+    # small ones below NATIVE_MIN_ROWS stay with PyTorch's multi-threaded product.
+    large = weight.numel() * weight.element_size() >= NATIVE_SPLIT_MIN_BYTES
+    if (weight.dtype == torch.float32 and (2 if large else NATIVE_MIN_ROWS) <= rows <= FEW_ROWS
+            and weight.is_contiguous() and not torch.is_grad_enabled()):
         kernel = native_matmul.library()
         if kernel is not None:
             return _native_product(kernel, x, weight)
