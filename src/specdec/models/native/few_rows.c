@@ -4,8 +4,9 @@
  * must stream from memory once per step, whatever the row count; BLAS libraries either run
  * one row at a time (so k rows read the weights k times) or repack the weights first. Here a
  * block of 4 weight rows is loaded once and multiplied by every activation row while it sits
- * in L1, so memory traffic is one pass over W for any n <= 16 and the arithmetic (n FMAs per
- * weight) stays under the memory time on AVX2 cores.
+ * in L1, so memory traffic is one pass over W for any n <= 16. The arithmetic (n FMAs per
+ * weight) stays under the memory time for a few rows on AVX2 cores; from ~6 rows on this
+ * project's 2-core EPYC it is what sets the time (see below).
  *
  * X and Y are float32; W is float32 (scale 1) or int8 with one float32 scale per row (weight-only
  * quantization: the int8 values are widened to float in registers, so activations are never
