@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from specdec import Engine
+from specdec.models import gpu_kernels
 from specdec.models.compact_decoder import CompactDecoder
 from specdec.models.graph_decoder import GRAPH_MAX_TOKENS, GraphDecoder, graph_decoder_for
 from specdec.models.hf import HFCausalLM
@@ -80,6 +81,42 @@ def test_a_batch_on_static_caches_gives_each_sequence_its_own_outputs(family):
         running = [g for g in generations if not g.finished]
         assert not any(isinstance(r, BaseException) for r in stepper.step(running))
     assert [g.output().token_ids for g in generations] == alone
+
+
+@pytest.mark.skipif(not gpu_kernels.available(), reason="needs Triton")
+def test_fused_kernels_give_the_logits_of_the_compact_decoder_through_steps_and_rewinds():
+    model = tiny.llama(0, dtype=torch.float32).to(DEVICE)
+    reference = CompactDecoder(model, "reference", torch.float32, set(), tiny.VOCAB)
+    fused = GraphDecoder(model, "fused", torch.float32, set(), tiny.VOCAB, 256, kernels=True)
+    assert fused.kernels
+    ids = torch.randint(3, tiny.VOCAB, (40,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    assert worst_gap_through_rewinds(reference, fused, ids, step=5, keep=2) < 1e-4
+
+
+@pytest.mark.skipif(not gpu_kernels.available(), reason="needs Triton")
+def test_speculative_output_over_the_fused_kernels_equals_their_plain_output():
+    fused = GraphDecoder(tiny.llama(0, dtype=torch.float32).to(DEVICE), "fused", torch.float32, set(), tiny.VOCAB,
+                         256, kernels=True)
+    for engine in (Engine(fused, drafter="ngram"), Engine(fused, drafter="model", draft_model=fused)):
+        for prompt in PROMPTS[:2]:
+            plain = engine.generate(prompt, max_new_tokens=16, num_draft_tokens=0).token_ids
+            assert engine.generate(prompt, max_new_tokens=16, num_draft_tokens=3).token_ids == plain, prompt
+
+
+def test_fused_kernels_refuse_layers_they_do_not_fuse():
+    with pytest.raises(ValueError, match="do not apply"):
+        GraphDecoder(tiny.gemma3(0, dtype=torch.float32), "g", torch.float32, set(), tiny.VOCAB, 64, kernels=True)
+    with pytest.raises(ValueError, match="do not apply"):  # float64: outside the kernels' dtypes
+        GraphDecoder(tiny.llama(0), "l", torch.float64, set(), tiny.VOCAB, 64, kernels=True)
+    assert not GraphDecoder(tiny.llama(0), "l", torch.float64, set(), tiny.VOCAB, 64).kernels
+
+
+@pytest.mark.skipif(not gpu_kernels.available(), reason="needs Triton")
+def test_the_fused_kernels_are_chosen_on_cuda_unless_turned_off(monkeypatch):
+    model = tiny.llama(0, dtype=torch.float32).to(DEVICE)
+    assert GraphDecoder(model, "auto", torch.float32, set(), tiny.VOCAB, 64).kernels == (DEVICE == "cuda")
+    monkeypatch.setenv("SPECDEC_GPU_KERNELS", "0")
+    assert not GraphDecoder(model, "off", torch.float32, set(), tiny.VOCAB, 64).kernels
 
 
 def test_a_finished_sequence_hands_its_cache_slot_to_the_next():

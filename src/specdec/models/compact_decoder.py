@@ -230,7 +230,7 @@ class CompactDecoder:
 
     def _logits(self, hidden: torch.Tensor, extra_head: torch.Tensor | None = None) -> torch.Tensor:
         hidden = hidden.to(self.dtype)
-        logits = _linear(hidden, self._head).float()
+        logits = self._product(hidden, self._head).float()
         if extra_head is not None:
             logits = torch.cat([logits, _linear(hidden, extra_head).float()], dim=-1)
         if self._head_bias is not None:
@@ -238,6 +238,9 @@ class CompactDecoder:
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
+
+    def _product(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
+        return _linear(x, weight)  # the GPU path's own kernels replace this
 
     def flops_per_token(self) -> float:
         """~2 FLOPs per weight read for one position (the bench's compute estimate)."""

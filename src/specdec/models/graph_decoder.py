@@ -12,13 +12,15 @@ the next request reuses them instead of capturing again.
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compact_decoder import CompactDecoder, _cos_sin, _Layer, _Segment
+from . import gpu_kernels
+from .compact_decoder import CompactDecoder, _cos_sin, _Layer, _linear, _Segment
 
 GRAPH_MAX_TOKENS = 16  # steps feeding more tokens than this (prompts) run eagerly
 DEFAULT_CAPACITY = 4096  # positions per sequence; the model's max_context is capped to it
@@ -51,7 +53,10 @@ class GraphDecoder(CompactDecoder):
     """CompactDecoder with a static cache and, on CUDA, one captured graph per step size."""
 
     def __init__(self, model: nn.Module, name: str, dtype: torch.dtype, eos_token_ids: set[int],
-                 vocab_size: int, capacity: int = DEFAULT_CAPACITY) -> None:
+                 vocab_size: int, capacity: int = DEFAULT_CAPACITY, kernels: bool | None = None) -> None:
+        """kernels: run steps of up to GRAPH_MAX_TOKENS positions through the Triton kernels of
+        gpu_kernels (None: wherever they apply on CUDA, unless SPECDEC_GPU_KERNELS=0; True off
+        CUDA runs them in Triton's interpreter, for tests)."""
         super().__init__(model, name, dtype, eos_token_ids, vocab_size)
         self.capacity = min(capacity, self.max_context)
         self.max_context = self.capacity
@@ -62,6 +67,27 @@ class GraphDecoder(CompactDecoder):
         self._pool = torch.cuda.graph_pool_handle() if self._graphs else None
         self._offsets = torch.arange(GRAPH_MAX_TOKENS, device=self.device)
         self._key_positions = torch.arange(self.capacity, device=self.device)
+        reason = self._kernels_do_not_apply(model)
+        if kernels and reason:
+            raise ValueError(f"the fused GPU kernels do not apply: {reason}")
+        if kernels is None:  # SPECDEC_GPU_KERNELS=0 turns them off where a caller cannot say so
+            kernels = self.device.type == "cuda" and reason is None and os.environ.get("SPECDEC_GPU_KERNELS") != "0"
+        self.kernels = kernels
+
+    def _kernels_do_not_apply(self, model: nn.Module) -> str | None:
+        config = model.config.get_text_config()
+        act = getattr(config, "hidden_activation", None) or config.hidden_act
+        if not gpu_kernels.available():
+            return "Triton is not installed"
+        if self.dtype not in gpu_kernels.DTYPES:
+            return f"{self.dtype} weights"
+        if act != "silu" or self._gemma:
+            return f"the {getattr(config, 'model_type', '?')} layer (the kernels fuse Llama-style layers)"
+        if self._head_dim & (self._head_dim - 1) or self._head_dim < 16:
+            return f"head size {self._head_dim} (a power of two from 16 is needed)"
+        if any(not isinstance(w, torch.Tensor) for layer in self._layers for w in (layer.qkv, layer.o, layer.gate_up)):
+            return "quantised weights"
+        return None
 
     # ---- CausalLM ----------------------------------------------------------------------------
     def new_cache(self) -> StaticCache:
@@ -135,6 +161,8 @@ class GraphDecoder(CompactDecoder):
 
     def _static_body(self, token_ids: torch.Tensor, slot: _Slot) -> torch.Tensor:
         n = token_ids.shape[0]
+        if self.kernels and n <= GRAPH_MAX_TOKENS:
+            return self._fused_body(token_ids, slot)
         offsets = self._offsets[:n] if n <= GRAPH_MAX_TOKENS else torch.arange(n, device=self.device)
         positions = slot.start + offsets  # [n], on the device
         hidden = self.embedding(token_ids).float()
@@ -150,6 +178,33 @@ class GraphDecoder(CompactDecoder):
                 masks[window] = self._grouped_mask(visible)
             hidden = self._layer(layer, i, hidden, rotary[layer.rope], self._attention(slot, positions, masks[window]))
         return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
+
+    def _fused_body(self, token_ids: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        """The same layers as _static_body in 9 kernels each (gpu_kernels); the final hidden
+        state comes out normed, in the weights' dtype."""
+        n = token_ids.shape[0]
+        angles = (slot.start + self._offsets[:n]).float()
+        rotary = [_cos_sin(angles, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
+        hidden = self.embedding(token_ids).float().contiguous()
+        delta = None  # the last MLP's output, added to the residual stream by the next norm
+        for i, layer in enumerate(self._layers):
+            cos, sin = rotary[layer.rope]
+            x = gpu_kernels.add_rms_norm(hidden, delta, layer.input_norm, self._eps, self.dtype)
+            qkv = gpu_kernels.skinny_matmul(x, layer.qkv, layer.qkv_bias)
+            keys, values = slot.keys[i], slot.values[i]
+            gpu_kernels.write_kv(qkv, cos, sin, keys, values, slot.start, self._heads, self._kv_heads)
+            attended = gpu_kernels.attend(qkv, cos, sin, keys, values, slot.start, self._heads, layer.scaling,
+                                          layer.sliding_window)
+            x = gpu_kernels.add_rms_norm(hidden, gpu_kernels.skinny_matmul(attended, layer.o), layer.pre_mlp_norm,
+                                         self._eps, self.dtype)
+            gated = gpu_kernels.silu_mul(gpu_kernels.skinny_matmul(x, layer.gate_up))
+            delta = gpu_kernels.skinny_matmul(gated, layer.down)
+        return gpu_kernels.add_rms_norm(hidden, delta, self._final_norm, self._eps, self.dtype)
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.kernels and x.shape[0] <= GRAPH_MAX_TOKENS:
+            return gpu_kernels.skinny_matmul(x.contiguous(), weight)
+        return _linear(x, weight)
 
     def _attention(self, slot: _Slot, positions: torch.Tensor, mask: torch.Tensor):
         """attend(layer, index, q, k, v) -> [n, heads * head_dim] for one sequence's rows."""
@@ -206,7 +261,7 @@ class GraphDecoder(CompactDecoder):
                              f"{cache.length} + {n} do not fit")
 
 
-def graph_decoder_for(model, capacity: int = DEFAULT_CAPACITY):
+def graph_decoder_for(model, capacity: int = DEFAULT_CAPACITY, kernels: bool | None = None):
     """The CUDA-graph path for a `transformers` model on a GPU, or the model unchanged where
     it does not apply (CPU, llama.cpp, an architecture the compact decoder lacks, subset heads)."""
     from .compact_decoder import UnsupportedArchitecture
@@ -216,7 +271,7 @@ def graph_decoder_for(model, capacity: int = DEFAULT_CAPACITY):
         return model
     try:
         decoder = GraphDecoder(model.model, model.name, model.dtype, set(model.eos_token_ids), model.vocab_size,
-                               capacity=capacity)
+                               capacity=capacity, kernels=kernels)
     except UnsupportedArchitecture:
         return model
     decoder.capture()
