@@ -184,17 +184,22 @@ def main() -> None:
     plain_s, plain = median_generation(target, lambda: None, prompt, new_tokens, 0, args.repeats)
     plain_tps = new_tokens / plain_s
     step_s = plain_s / new_tokens
+    # Time per output token after the first: the prompt's prefill (compute-bound, eager) and
+    # the first step are out of it, so this is the decode rate the HBM floor bounds.
+    decode_s = (plain_s - plain.stats.time_to_first_token_s) / (new_tokens - 1)
     report["plain"] = {"tok_s": plain_tps, "step_ms": 1000 * step_s, "weight_GB": weight_bytes / 1e9,
-                       "achieved_GBps": weight_bytes / step_s / 1e9,
-                       "of_hbm_floor": floor_spec_s / step_s, "floor_ms": 1000 * floor_spec_s}
+                       "decode_ms_per_token": 1000 * decode_s, "achieved_GBps": weight_bytes / decode_s / 1e9,
+                       "of_hbm_floor": floor_spec_s / decode_s, "end_to_end_of_hbm_floor": floor_spec_s / step_s,
+                       "floor_ms": 1000 * floor_spec_s}
     print("plain:", report["plain"], flush=True)
     reference = prompt + plain.token_ids
     if target.kernels:  # the same path without the Triton kernels: graphs of PyTorch ops
         graphs_only = graph_decoder_for(HFCausalLM(target_hf, "8b", eos_token_ids=set()), capacity, kernels=False)
         timed_generation(graphs_only, None, prompt, 16, 0)
         t, out = median_generation(graphs_only, lambda: None, prompt, new_tokens, 0, args.repeats)
+        decode = (t - out.stats.time_to_first_token_s) / (new_tokens - 1)
         report["plain_graphs_only"] = {"tok_s": new_tokens / t, "step_ms": 1000 * t / new_tokens,
-                                       "of_hbm_floor": floor_spec_s / (t / new_tokens),
+                                       "decode_ms_per_token": 1000 * decode, "of_hbm_floor": floor_spec_s / decode,
                                        "same_tokens": out.token_ids == plain.token_ids}
         print("plain, graphs without the kernels:", report["plain_graphs_only"], flush=True)
         del graphs_only
@@ -260,8 +265,8 @@ def _write(report: dict) -> None:
 
 def _print_table(report: dict) -> None:
     plain, peers = report["plain"], report["peers"]
-    print(f"\nplain: {plain['tok_s']:.1f} tok/s, {plain['step_ms']:.2f} ms/step, "
-          f"{plain['achieved_GBps']:.0f} GB/s = {plain['of_hbm_floor']:.0%} of the HBM floor")
+    print(f"\nplain: {plain['tok_s']:.1f} tok/s with the prompt, {plain['decode_ms_per_token']:.2f} ms per output "
+          f"token after the first: {plain['achieved_GBps']:.0f} GB/s = {plain['of_hbm_floor']:.0%} of the HBM floor")
     for name, value in peers.items():
         print(f"{name}: {value if isinstance(value, str) else f'{value:.1f}'}")
     print("\n| alpha | k | speedup | ideal | of ideal | acceptance | tok/s |\n|---|---|---|---|---|---|---|")

@@ -83,6 +83,8 @@ class GraphDecoder(CompactDecoder):
             return f"{self.dtype} weights"
         if act != "silu" or self._gemma:
             return f"the {getattr(config, 'model_type', '?')} layer (the kernels fuse Llama-style layers)"
+        if any(layer.q_norm is not None or layer.post_attention_norm is not None for layer in self._layers):
+            return "query/key or post-attention norms (the kernels fuse Llama-style layers)"
         if self._head_dim & (self._head_dim - 1) or self._head_dim < 16:
             return f"head size {self._head_dim} (a power of two from 16 is needed)"
         if any(not isinstance(w, torch.Tensor) for layer in self._layers for w in (layer.qkv, layer.o, layer.gate_up)):
