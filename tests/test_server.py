@@ -119,9 +119,13 @@ def test_load_32_concurrent_streams_one_killed_midway(server, client):
             model=MODEL, prompt=prompt, max_tokens=48, temperature=0, stream=True))
         return prompt, text, time.monotonic() - started
 
+    # Greedy, and checked to run its full length: a sampled request could reach EOS and finish
+    # before the server sees the hang-up, and then nothing is cancelled.
+    killed = {"model": MODEL, "prompt": "the quick", "max_tokens": 400, "temperature": 0}
+    assert client.completions.create(**killed).choices[0].finish_reason == "length"
+
     def hang_up() -> None:
-        with httpx.stream("POST", f"{server}/v1/completions", timeout=60,
-                          json={"model": MODEL, "prompt": "the quick", "max_tokens": 400, "stream": True}) as r:
+        with httpx.stream("POST", f"{server}/v1/completions", timeout=60, json={**killed, "stream": True}) as r:
             for i, _ in enumerate(r.iter_lines()):
                 if i >= 3:
                     return  # close the connection mid-stream
