@@ -81,21 +81,16 @@ def _rotary(positions: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor
     return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
 
 
-def _reference_attention(qkv, cos, sin, keys, start, heads, window):
-    """Rotated queries and keys, then causal (windowed) attention over the cache's first
-    start + n keys, in float64."""
-    n = qkv.shape[0]
-    kv_heads, _, d = keys.shape
-    q, k, _ = qkv.double().view(n, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
+def _rotated_queries_and_keys(qkv, cos, sin, heads, kv_heads):
+    """The step's queries and keys rotated in float32, as the decoder rotates, rounded to DTYPE."""
+    n, d = qkv.shape[0], cos.shape[-1]
+    q, k, _ = qkv.float().view(n, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
 
-    def rotate(x):  # in float32, as the decoder rotates
-        x, half = x.float(), d // 2
+    def rotate(x):
+        half = d // 2
         return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None]
 
-    q, k = rotate(q).to(DTYPE).double(), rotate(k).to(DTYPE)
-    group = heads // kv_heads
-    cache_k = keys[:, : start + n].double().repeat_interleave(group, 0)
-    return q, k, cache_k, group
+    return rotate(q).to(DTYPE), rotate(k).to(DTYPE)
 
 
 @pytest.mark.parametrize("n,start,window", [(1, 0, None), (1, 150, None), (5, 200, None), (16, 130, None),
@@ -109,13 +104,15 @@ def test_write_kv_then_attend_matches_causal_attention_over_the_cache(n, start, 
     gpu_kernels.write_kv(qkv, cos, sin, keys, values, begin, heads, kv_heads)
     out = gpu_kernels.attend(qkv, cos, sin, keys, values, begin, heads, 1 / math.sqrt(d), window)
 
-    q, k, cache_k, group = _reference_attention(qkv, cos, sin, keys, start, heads, window)
+    q, k = _rotated_queries_and_keys(qkv, cos, sin, heads, kv_heads)
     v = qkv.view(n, heads + 2 * kv_heads, d)[:, heads + kv_heads :]
     # rotated keys at their positions (a GPU may fuse the rotation's multiply-add: 1 bf16 ulp)
     assert torch.allclose(keys[:, start : start + n], k.transpose(0, 1), rtol=8e-3 if CUDA else 0, atol=1e-6)
     assert torch.equal(values[:, start : start + n], v.transpose(0, 1))
+    group = heads // kv_heads
+    cache_k = keys[:, : start + n].double().repeat_interleave(group, 0)
     cache_v = values[:, : start + n].double().repeat_interleave(group, 0)
-    scores = torch.einsum("nhd,hkd->hnk", q, cache_k) / math.sqrt(d)
+    scores = torch.einsum("nhd,hkd->hnk", q.double(), cache_k) / math.sqrt(d)
     key_pos, query_pos = torch.arange(start + n, device=DEVICE), torch.arange(start, start + n, device=DEVICE)
     seen = key_pos[None] <= query_pos[:, None]
     if window is not None:

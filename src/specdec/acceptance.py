@@ -27,8 +27,6 @@ class Verdict:
 
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> Verdict:
     """target_logits: [k+1, vocab] at the positions of [last, d1..dk]; draft_tokens: [k]."""
-    if draft_tokens.shape[0] == 0:  # plain decoding: one kernel before the host read, not eight
-        return Verdict(0, int(target_logits[0].argmax()))
     target_tokens = target_logits.argmax(dim=-1)  # [k+1]
     accepted = (draft_tokens == target_tokens[:-1]).to(torch.int32).cumprod(dim=0).sum()
     num_accepted, next_token = torch.stack([accepted.long(), target_tokens[accepted]]).tolist()  # one host read

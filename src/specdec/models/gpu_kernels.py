@@ -35,7 +35,7 @@ try:
 except ImportError:  # the fused path needs Triton; GraphDecoder falls back without it
     triton = None
 
-MAX_ROWS = 16  # positions per step that these kernels take (GRAPH_MAX_TOKENS)
+MAX_ROWS = 16  # positions per step that these kernels take: the products' BLOCK_M
 KEY_CHUNK = 128  # keys per attention block (a flash-decoding split)
 KEY_BLOCK = 32  # keys per inner iteration of a split
 
@@ -97,12 +97,12 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     m = x.shape[0]
     n, k = weight.shape
     if m > MAX_ROWS or not weight.is_contiguous() or x.stride(-1) != 1:
-        raise ValueError("skinny_matmul takes at most 16 rows, contiguous")
+        raise ValueError(f"skinny_matmul takes at most {MAX_ROWS} rows, contiguous")
     y = torch.empty(m, n, dtype=weight.dtype, device=x.device)
     block_n, block_k, warps, stages = config or skinny_config(n, k)
     _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages)
     return y
 

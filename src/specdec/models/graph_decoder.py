@@ -54,7 +54,7 @@ class GraphDecoder(CompactDecoder):
 
     def __init__(self, model: nn.Module, name: str, dtype: torch.dtype, eos_token_ids: set[int],
                  vocab_size: int, capacity: int = DEFAULT_CAPACITY, kernels: bool | None = None) -> None:
-        """kernels: run steps of up to GRAPH_MAX_TOKENS positions through the Triton kernels of
+        """kernels: run steps of up to gpu_kernels.MAX_ROWS positions through the Triton kernels of
         gpu_kernels (None: wherever they apply on CUDA, unless SPECDEC_GPU_KERNELS=0; True off
         CUDA runs them in Triton's interpreter, for tests)."""
         super().__init__(model, name, dtype, eos_token_ids, vocab_size)
@@ -81,7 +81,7 @@ class GraphDecoder(CompactDecoder):
             return "Triton is not installed"
         if self.dtype not in gpu_kernels.DTYPES:
             return f"{self.dtype} weights"
-        if act != "silu" or self._gemma:
+        if act != "silu":
             return f"the {getattr(config, 'model_type', '?')} layer (the kernels fuse Llama-style layers)"
         if any(layer.q_norm is not None or layer.post_attention_norm is not None for layer in self._layers):
             return "query/key or post-attention norms (the kernels fuse Llama-style layers)"
@@ -163,7 +163,7 @@ class GraphDecoder(CompactDecoder):
 
     def _static_body(self, token_ids: torch.Tensor, slot: _Slot) -> torch.Tensor:
         n = token_ids.shape[0]
-        if self.kernels and n <= GRAPH_MAX_TOKENS:
+        if self.kernels and n <= gpu_kernels.MAX_ROWS:
             return self._fused_body(token_ids, slot)
         offsets = self._offsets[:n] if n <= GRAPH_MAX_TOKENS else torch.arange(n, device=self.device)
         positions = slot.start + offsets  # [n], on the device
@@ -187,7 +187,7 @@ class GraphDecoder(CompactDecoder):
         n = token_ids.shape[0]
         angles = (slot.start + self._offsets[:n]).float()
         rotary = [_cos_sin(angles, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
-        hidden = self.embedding(token_ids).float().contiguous()
+        hidden = self.embedding(token_ids).float()
         delta = None  # the last MLP's output, added to the residual stream by the next norm
         for i, layer in enumerate(self._layers):
             cos, sin = rotary[layer.rope]
@@ -204,7 +204,7 @@ class GraphDecoder(CompactDecoder):
         return gpu_kernels.add_rms_norm(hidden, delta, self._final_norm, self._eps, self.dtype)
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.kernels and x.shape[0] <= GRAPH_MAX_TOKENS:
+        if self.kernels and x.shape[0] <= gpu_kernels.MAX_ROWS:
             return gpu_kernels.skinny_matmul(x.contiguous(), weight)
         return _linear(x, weight)
 
