@@ -32,6 +32,7 @@ from specdec import Engine, SamplingParams  # noqa: E402
 from specdec.drafters.model import ModelDrafter  # noqa: E402
 from specdec.drafters.synthetic import SyntheticDrafter  # noqa: E402
 from specdec.generation import Generation  # noqa: E402
+from specdec.models import gpu_kernels  # noqa: E402
 from specdec.models.graph_decoder import GraphDecoder, graph_decoder_for  # noqa: E402
 from specdec.models.hf import HFCausalLM  # noqa: E402
 
@@ -102,15 +103,17 @@ def check_exactness() -> dict:
     return results
 
 
-def timed_generation(target, drafter, prompt, new_tokens, k):
+def timed_generation(target, drafter, prompt, new_tokens, k, chained: bool = True):
+    """chained=False: plain decoding with host and device in lock step (no GreedyChain)."""
     params = SamplingParams(max_new_tokens=new_tokens, num_draft_tokens=k)
     generation = Generation(target, drafter, prompt, params, None)
+    generation._chained &= chained
     elapsed, out = sync_time(generation.run)
     return elapsed, out
 
 
-def median_generation(target, make_drafter, prompt, new_tokens, k, repeats: int):
-    runs = [timed_generation(target, make_drafter(), prompt, new_tokens, k) for _ in range(repeats)]
+def median_generation(target, make_drafter, prompt, new_tokens, k, repeats: int, chained: bool = True):
+    runs = [timed_generation(target, make_drafter(), prompt, new_tokens, k, chained) for _ in range(repeats)]
     runs.sort(key=lambda run: run[0])
     return runs[len(runs) // 2]
 
@@ -193,15 +196,33 @@ def main() -> None:
                        "floor_ms": 1000 * floor_spec_s}
     print("plain:", report["plain"], flush=True)
     reference = prompt + plain.token_ids
+
+    def plain_variant(name: str, decoder, chained: bool = True) -> None:
+        timed_generation(decoder, None, prompt, 16, 0, chained)
+        t, out = median_generation(decoder, lambda: None, prompt, new_tokens, 0, args.repeats, chained)
+        decode = (t - out.stats.time_to_first_token_s) / (new_tokens - 1)
+        report[name] = {"tok_s": new_tokens / t, "step_ms": 1000 * t / new_tokens,
+                        "decode_ms_per_token": 1000 * decode, "of_hbm_floor": floor_spec_s / decode,
+                        "same_tokens": out.token_ids == plain.token_ids}
+        print(f"{name}:", report[name], flush=True)
+
+    # What each part buys, in the same run: the host one step behind the device (GreedyChain),
+    # and programmatic dependent launch between the kernels.
+    plain_variant("plain_lock_step", target, chained=False)
+    report["prefill_ms"] = 1000 * statistics.median(
+        [sync_time(lambda: target.prefill(torch.tensor(prompt[:-1]), target.new_cache()))[0] for _ in range(5)])
+    print("prefill ms:", report["prefill_ms"], flush=True)
+    if target.kernels and gpu_kernels._chained():
+        os.environ["SPECDEC_GPU_PDL"] = "0"
+        gpu_kernels._chained.cache_clear()
+        unchained = graph_decoder_for(HFCausalLM(target_hf, "8b", eos_token_ids=set()), capacity)
+        plain_variant("plain_without_pdl", unchained)
+        del unchained
+        del os.environ["SPECDEC_GPU_PDL"]
+        gpu_kernels._chained.cache_clear()
     if target.kernels:  # the same path without the Triton kernels: graphs of PyTorch ops
         graphs_only = graph_decoder_for(HFCausalLM(target_hf, "8b", eos_token_ids=set()), capacity, kernels=False)
-        timed_generation(graphs_only, None, prompt, 16, 0)
-        t, out = median_generation(graphs_only, lambda: None, prompt, new_tokens, 0, args.repeats)
-        decode = (t - out.stats.time_to_first_token_s) / (new_tokens - 1)
-        report["plain_graphs_only"] = {"tok_s": new_tokens / t, "step_ms": 1000 * t / new_tokens,
-                                       "decode_ms_per_token": 1000 * decode, "of_hbm_floor": floor_spec_s / decode,
-                                       "same_tokens": out.token_ids == plain.token_ids}
-        print("plain, graphs without the kernels:", report["plain_graphs_only"], flush=True)
+        plain_variant("plain_graphs_only", graphs_only)
         del graphs_only
 
     t_costs = step_costs(target, prompt)

@@ -2,6 +2,7 @@
 and each weight matrix's product timed alone. Usage: PYTHONPATH=src python3 scripts/gpu_profile.py [layers]"""
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -10,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, "scripts")
 from gpu_bench import llama  # noqa: E402
 
+from specdec.models import gpu_kernels  # noqa: E402
 from specdec.models.graph_decoder import graph_decoder_for  # noqa: E402
 from specdec.models.hf import HFCausalLM  # noqa: E402
 
@@ -29,7 +31,10 @@ def event_ms(fn, repeats: int = 50) -> float:
 def main() -> None:
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else 32
     model = llama("8b", 128256, 0, layers=layers, decisive=True)
-    for kernels in (True, False):
+    for kernels, pdl in ((True, True), (True, False), (False, False)):
+        # programmatic dependent launch between the Triton kernels (Hopper), on and off
+        os.environ["SPECDEC_GPU_PDL"] = "1" if pdl else "0"
+        gpu_kernels._chained.cache_clear()
         decoder = graph_decoder_for(HFCausalLM(model, "8b", eos_token_ids=set()), 1024, kernels=kernels)
         cache = decoder.new_cache()
         decoder.prefill(torch.randint(2, 1000, (512,), device="cuda"), cache)
@@ -40,13 +45,15 @@ def main() -> None:
                 decoder.forward(tokens, cache, n)
                 decoder.rewind(cache, 512)
 
-            print(f"\nkernels={kernels}, {layers} layers, {n} positions: graph step {event_ms(step):.3f} ms",
-                  flush=True)
+            print(f"\nkernels={kernels}, pdl={pdl and gpu_kernels._chained()}, {layers} layers, {n} positions: "
+                  f"graph step {event_ms(step):.3f} ms", flush=True)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
                     step()
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        del decoder, cache, step
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

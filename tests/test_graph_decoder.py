@@ -13,7 +13,7 @@ import gc
 import pytest
 import torch
 
-from specdec import Engine
+from specdec import Engine, SamplingParams
 from specdec.models import gpu_kernels
 from specdec.models.compact_decoder import CompactDecoder
 from specdec.models.graph_decoder import GRAPH_MAX_TOKENS, GraphDecoder, graph_decoder_for
@@ -61,8 +61,40 @@ def test_speculative_output_equals_plain_output_of_the_same_path(drafter, k):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_chained_plain_decoding_emits_step_by_step_greedy_tokens_and_rewinds_what_ran_ahead(family):
+    """Plain greedy decoding on this path runs a step ahead of the host (GreedyChain): the
+    tokens must be those of the compact decoder's one-at-a-time plain decoding, whether the
+    sequence ends by its budget or by an EOS with a step already launched after it."""
+    model = tiny.llama(0, dtype=DTYPE) if family == "llama" else tiny.gemma3(0, dtype=DTYPE)
+    reference, decoder = _decoder(model)
+    for prompt in PROMPTS:
+        expected = Engine(reference).generate(prompt, max_new_tokens=24, num_draft_tokens=0).token_ids
+        generation = Engine(decoder).start(prompt, SamplingParams(max_new_tokens=24, num_draft_tokens=0))
+        assert generation.run().token_ids == expected, prompt
+        assert generation._chain is not None  # the chained path ran, not the verify path
+        assert decoder.cache_length(generation.cache) == generation.length - 1  # all but the last token
+    eos = expected[5]
+    reference.eos_token_ids = decoder.eos_token_ids = frozenset({eos})
+    stopped = Engine(reference).generate(PROMPTS[-1], max_new_tokens=24, num_draft_tokens=0)
+    generation = Engine(decoder).start(PROMPTS[-1], SamplingParams(max_new_tokens=24, num_draft_tokens=0))
+    assert generation.run().token_ids == stopped.token_ids and stopped.token_ids[-1] == eos
+    assert len(stopped.token_ids) < 24 and generation.output().finish_reason == "stop"
+    assert decoder.cache_length(generation.cache) == generation.length - 1  # the step after the EOS is gone
+
+
+def test_chained_decoding_is_only_for_plain_greedy_requests():
+    _, decoder = _decoder(tiny.llama(0, dtype=DTYPE))
+    engine = Engine(decoder, drafter="ngram")
+    assert engine.start(PROMPTS[0], SamplingParams(max_new_tokens=4, num_draft_tokens=0))._chained
+    assert not engine.start(PROMPTS[0], SamplingParams(max_new_tokens=4))._chained  # drafting
+    assert not engine.start(PROMPTS[0], SamplingParams(max_new_tokens=4, num_draft_tokens=0,
+                                                       temperature=0.7))._chained  # sampling
+    sampled = engine.generate(PROMPTS[0], max_new_tokens=6, num_draft_tokens=0, temperature=0.7, seed=3)
+    assert len(sampled.token_ids) == 6
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_a_batch_on_static_caches_gives_each_sequence_its_own_outputs(family):
-    from specdec import SamplingParams
     from specdec.batching import BatchStepper
 
     # float64 on every device: a packed pass and a graph replay use different matmul shapes,

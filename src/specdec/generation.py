@@ -86,9 +86,15 @@ class Generation:
         self._started: float | None = None
         adaptive = params.num_draft_tokens is None and drafter is not None and not reproducible
         self._synchronize = torch.cuda.synchronize if adaptive and target.device.type == "cuda" else None
+        # Plain greedy decoding on a model that chains its steps on the device (GPU graphs).
+        plain = drafter is None or params.num_draft_tokens == 0
+        self._chained = plain and params.greedy and hasattr(target, "greedy_chain")
+        self._chain = None
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> StepOutput:
+        if self._chained:
+            return self._chained_step()
         draft = self.draft()
         started = time.perf_counter()
         target_logits = self.target.forward(draft.verify_ids, self.cache, num_logits=draft.verify_ids.shape[0])
@@ -124,6 +130,25 @@ class Generation:
         verify_s = None if verify_started is None else time.perf_counter() - verify_started
         self._commit(draft.proposal, verdict, draft_s=draft.draft_s, verify_s=verify_s)
         return self._emit(draft.proposal, verdict)
+
+    def _chained_step(self) -> StepOutput:
+        """A plain greedy step whose successor is already queued on the device when its token
+        is read (GreedyChain): the host's work per token overlaps the next step."""
+        if self.finished:
+            raise RuntimeError("generation already finished")
+        if self._chain is None:
+            if self._started is None:
+                self._prefill()
+            self._chain = self.target.greedy_chain(self.cache, int(self.tokens[self.length - 1]))
+        # Keep one step queued behind the one read now, unless the token budget ends first.
+        while self._chain.queued < 2 and self.length + self._chain.queued < self.max_length:
+            self._chain.launch()
+        verdict = Verdict(num_accepted=0, next_token=self._chain.take())
+        self.stats.record_step(0, 0, 0, 0)
+        out = self._emit(empty_proposal(), verdict)
+        if out.finished:  # the cache holds the newest token and any step launched after it
+            self.target.rewind(self.cache, self.length - 1)
+        return out
 
     def _prefill(self) -> None:
         self._started = time.perf_counter()

@@ -21,6 +21,7 @@ Without a GPU these kernels run in Triton's interpreter (the tests do that on th
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -51,13 +52,48 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
+@functools.cache
+def _chained() -> bool:
+    """Programmatic dependent launch (Hopper and later; SPECDEC_GPU_PDL=0 turns it off).
+    A step is ~290 launches of a few microseconds each; in a CUDA graph each one still
+    waits for the previous grid to drain and its own blocks to be placed. With PDL the next
+    kernel's blocks are placed while the previous one's last wave runs, and wait on the
+    device (gdc_wait) for its results instead."""
+    if INTERPRETED or triton is None or os.environ.get("SPECDEC_GPU_PDL") == "0":
+        return False
+    extra = getattr(getattr(tl, "extra", None), "cuda", None)
+    return hasattr(extra, "gdc_wait") and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _launch_options(warps: int, stages: int | None = None) -> dict:
+    options = {"num_warps": warps, "GDC": _chained()}
+    if stages is not None:
+        options["num_stages"] = stages
+    if options["GDC"]:
+        options["launch_pdl"] = True
+    return options
+
+
+if triton is not None:
+
+    @triton.jit
+    def _after_previous_kernel(GDC: tl.constexpr):
+        """Every kernel's first act: wait until the previous kernel's writes are visible,
+        then let the next kernel's blocks be placed (they wait here in turn). Waiting
+        first keeps the chain transitive: a kernel's results are visible to all later ones."""
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+
 # ---- products of a few rows against a large weight -------------------------------------------
 if triton is not None:
 
     @triton.jit
     def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_x, stride_y,
                               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GDC: tl.constexpr):
+        _after_previous_kernel(GDC)
         rows = tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
@@ -103,7 +139,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        **_launch_options(warps, stages))
     return y
 
 
@@ -111,7 +147,8 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 if triton is not None:
 
     @triton.jit
-    def _silu_mul_kernel(gate_up_ptr, out_ptr, F, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gate_up_ptr, out_ptr, F, BLOCK: tl.constexpr, GDC: tl.constexpr):
+        _after_previous_kernel(GDC)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < F
@@ -125,7 +162,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, f = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, f, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(f, block))](gate_up, out, f, BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(rows, triton.cdiv(f, block))](gate_up, out, f, BLOCK=block, **_launch_options(4))
     return out
 
 
@@ -134,7 +171,8 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(hidden_ptr, delta_ptr, weight_ptr, out_ptr, D, eps, HAS_DELTA: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, GDC: tl.constexpr):
+        _after_previous_kernel(GDC)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
@@ -153,7 +191,7 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch
     rows, d = hidden.shape
     out = torch.empty(rows, d, dtype=dtype, device=hidden.device)
     _add_rms_norm_kernel[(rows,)](hidden, delta if delta is not None else hidden, weight, out, d, eps,
-                                  HAS_DELTA=delta is not None, BLOCK=_pow2(d), num_warps=8)
+                                  HAS_DELTA=delta is not None, BLOCK=_pow2(d), **_launch_options(8))
     return out
 
 
@@ -175,8 +213,9 @@ if triton is not None:
 
     @triton.jit
     def _write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, start_ptr, stride_qkv, capacity,
-                         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr):
+                         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, GDC: tl.constexpr):
         """Step row i's keys (rotated) and values of every key/value head into the cache."""
+        _after_previous_kernel(GDC)
         i = tl.program_id(0)
         position = tl.load(start_ptr) + i
         h = tl.arange(0, BLOCK_H)
@@ -195,10 +234,11 @@ if triton is not None:
                              part_sum, stride_qkv, capacity, scale, window,
                              N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                              BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr,
-                             HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+                             HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr):
         """One key/value head's query rows (row g * N + i: query head g of the group at step
         position i) against keys [split * CHUNK, ...) that some row sees: unnormalised output,
         running max and sum of the split."""
+        _after_previous_kernel(GDC)
         h = tl.program_id(0)
         split = tl.program_id(1)
         start = tl.load(start_ptr)
@@ -249,8 +289,9 @@ if triton is not None:
     @triton.jit
     def _attend_combine_kernel(part_out, part_max, part_sum, out_ptr, start_ptr, stride_out,
                                N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                               BLOCK_R: tl.constexpr, CHUNK: tl.constexpr):
+                               BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, GDC: tl.constexpr):
         """Merge the splits of one key/value head into out [N, heads * D] (head h * GROUP + g)."""
+        _after_previous_kernel(GDC)
         h = tl.program_id(0)
         used = tl.cdiv(tl.load(start_ptr) + N, CHUNK)
         r = tl.arange(0, BLOCK_R)
@@ -280,7 +321,7 @@ def write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torc
     n = qkv.shape[0]
     d = keys.shape[-1]
     _write_kv_kernel[(n,)](qkv, cos, sin, keys, values, start, qkv.stride(0), keys.shape[1], HEADS=heads,
-                           KV_HEADS=kv_heads, BLOCK_H=_pow2(kv_heads, 1), D=d, num_warps=4)
+                           KV_HEADS=kv_heads, BLOCK_H=_pow2(kv_heads, 1), D=d, **_launch_options(4))
 
 
 def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -298,9 +339,9 @@ def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.
     _attend_split_kernel[(kv_heads, splits)](
         qkv, cos, sin, keys, values, start, part_out, part_max, part_sum, qkv.stride(0), capacity, scale,
         window or 0, N=n, GROUP=group, D=d, SPLITS=splits, BLOCK_R=block_r, CHUNK=KEY_CHUNK, KEYS=KEY_BLOCK,
-        HAS_WINDOW=window is not None, IEEE=keys.dtype == torch.float32, num_warps=4 if block_r <= 32 else 8)
+        HAS_WINDOW=window is not None, IEEE=keys.dtype == torch.float32, **_launch_options(4 if block_r <= 32 else 8))
     out = torch.empty(n, heads * d, dtype=keys.dtype, device=qkv.device)
     _attend_combine_kernel[(kv_heads,)](part_out, part_max, part_sum, out, start, out.stride(0), N=n, GROUP=group, D=d,
                                         SPLITS=splits, BLOCK_R=block_r, CHUNK=KEY_CHUNK,
-                                        num_warps=4 if block_r <= 32 else 8)
+                                        **_launch_options(4 if block_r <= 32 else 8))
     return out
