@@ -237,17 +237,40 @@ def main() -> None:
     rows = []
     for alpha in (0.6, 0.8, 0.9):
         for k in (2, 4, 6, 8):
-            make = lambda: SyntheticDrafter(ModelDrafter(draft), reference, alpha, vocab, seed=k)  # noqa: E731
+            # A new seed for every run: the ideal is an expectation over the draws, and 256
+            # tokens are only ~40-120 draws, so one fixed draw can sit well off it.
+            seeds = iter(range(1000 * k, 1000 * k + 100))
+            make = lambda: SyntheticDrafter(ModelDrafter(draft), reference, alpha, vocab, seed=next(seeds))  # noqa: E731
             timed_generation(target, make(), prompt, 16, k)  # captures the (k+1)-token graph
-            elapsed, out = median_generation(target, make, prompt, new_tokens, k, args.repeats)
+            # Plain and speculative runs alternate, and each speculative run is set against the
+            # plain run just before it: a shared machine's drift (its host CPU most of all: the
+            # speculative loop does more host work per token than chained plain decoding) then
+            # falls on both sides of each ratio.
+            # The speedup is pooled over the runs (total plain time over total speculative time),
+            # each run with its own draws, so that it estimates the expectation the ideal is.
+            plain_t = elapsed = 0.0
+            tokens = passes = accepted = drafted = 0
+            identical = True
+            for _ in range(args.repeats):
+                plain_t += timed_generation(target, None, prompt, new_tokens, 0)[0]
+                t, out = timed_generation(target, make(), prompt, new_tokens, k)
+                elapsed += t
+                tokens += out.stats.generated_tokens
+                passes += out.stats.target_forward_passes
+                accepted += out.stats.accepted_tokens
+                drafted += out.stats.drafted_tokens
+                identical &= out.token_ids == plain.token_ids
             expected_len = sum(alpha ** i for i in range(k + 1))
             verify = t_costs.get(k + 1) or step_costs(target, prompt, sizes=(k + 1,))[k + 1]
-            ideal = expected_len * t_costs[1] / (verify + k * d_costs[1])
-            speedup = plain_s / elapsed
+            per_step = t_costs[1] / (verify + k * d_costs[1])
+            ideal = expected_len * per_step
+            speedup = plain_t / elapsed
             rows.append({"alpha": alpha, "k": k, "speedup": speedup, "ideal": ideal, "of_ideal": speedup / ideal,
-                         "tok_s": new_tokens / elapsed, "acceptance": out.stats.acceptance_rate,
-                         "mean_accepted_length": out.stats.mean_accepted_length,
-                         "identical_to_plain": out.token_ids == plain.token_ids})
+                         # the same against the acceptance the runs drew rather than alpha's expectation
+                         "of_ideal_at_drawn_acceptance": speedup / (tokens / passes * per_step),
+                         "tok_s": args.repeats * new_tokens / elapsed, "acceptance": accepted / drafted,
+                         "mean_accepted_length": tokens / passes, "expected_length": expected_len,
+                         "runs": args.repeats, "identical_to_plain": identical})
             print(rows[-1], flush=True)
     report["speculative"] = rows
 
@@ -290,10 +313,12 @@ def _print_table(report: dict) -> None:
           f"token after the first: {plain['achieved_GBps']:.0f} GB/s = {plain['of_hbm_floor']:.0%} of the HBM floor")
     for name, value in peers.items():
         print(f"{name}: {value if isinstance(value, str) else f'{value:.1f}'}")
-    print("\n| alpha | k | speedup | ideal | of ideal | acceptance | tok/s |\n|---|---|---|---|---|---|---|")
+    print("\n| alpha | k | speedup | ideal | of ideal | accepted + 1 (expected) | of ideal at drawn | tok/s |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in report["speculative"]:
         print(f"| {r['alpha']} | {r['k']} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['of_ideal']:.0%} | "
-              f"{r['acceptance']:.0%} | {r['tok_s']:.0f} |")
+              f"{r['mean_accepted_length']:.2f} ({r['expected_length']:.2f}) | {r['of_ideal_at_drawn_acceptance']:.0%} | "
+              f"{r['tok_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Where a GPU decode step's time goes: kernels of one graph replay of the 8B-shaped target,
-and each weight matrix's product timed alone. Usage: PYTHONPATH=src python3 scripts/gpu_profile.py [layers]"""
+"""Where a GPU decode step's time goes: kernels of one graph replay of the 8B-shaped target
+(Triton kernels with and without programmatic dependent launch, and graphs of PyTorch ops), or of
+a prompt's prefill. Usage: PYTHONPATH=src python3 scripts/gpu_profile.py [layers | prefill]"""
 from __future__ import annotations
 
 import os
@@ -28,7 +29,21 @@ def event_ms(fn, repeats: int = 50) -> float:
     return start.elapsed_time(end) / repeats
 
 
+def prefill_profile() -> None:
+    """Kernels of a 512-token prompt's prefill (eager: too many rows for a graph step)."""
+    model = llama("8b", 128256, 0, decisive=True)
+    decoder = graph_decoder_for(HFCausalLM(model, "8b", eos_token_ids=set()), 1024)
+    prompt = torch.randint(2, 1000, (511,), device="cuda")
+    print(f"prefill of 511 tokens: {event_ms(lambda: decoder.prefill(prompt, decoder.new_cache()), 10):.2f} ms")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.prefill(prompt, decoder.new_cache())
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+
+
 def main() -> None:
+    if sys.argv[1:] == ["prefill"]:
+        return prefill_profile()
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else 32
     model = llama("8b", 128256, 0, layers=layers, decisive=True)
     for kernels, pdl in ((True, True), (True, False), (False, False)):

@@ -26,8 +26,11 @@ class Verdict:
 
 
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> Verdict:
-    """target_logits: [k+1, vocab] at the positions of [last, d1..dk]; draft_tokens: [k]."""
+    """target_logits: [k+1, vocab] at the positions of [last, d1..dk]; draft_tokens: [k], on
+    the target's device or on the host (then the target's k+1 picks are read over, once)."""
     target_tokens = target_logits.argmax(dim=-1)  # [k+1]
+    if draft_tokens.device != target_tokens.device:
+        target_tokens = target_tokens.to(draft_tokens.device)
     accepted = (draft_tokens == target_tokens[:-1]).to(torch.int32).cumprod(dim=0).sum()
     num_accepted, next_token = torch.stack([accepted.long(), target_tokens[accepted]]).tolist()  # one host read
     return Verdict(num_accepted, next_token)

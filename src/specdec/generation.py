@@ -117,7 +117,10 @@ class Generation:
             self._synchronize()
         # Draft tokens stay where the drafter made them: a GPU draft is not waited for here.
         device = proposal.tokens.device
-        verify_ids = torch.cat([self.tokens[self.length - 1 : self.length].to(device), proposal.tokens])  # [k+1]
+        last = self.tokens[self.length - 1 : self.length]
+        if device.type == "cuda":  # queued behind the drafts, not waited for (see graph_decoder._pinned)
+            last = last.pin_memory().to(device, non_blocking=True)
+        verify_ids = torch.cat([last, proposal.tokens])  # [k+1]
         return DraftedStep(proposal, verify_ids, time.perf_counter() - started)
 
     def conclude(self, draft: "DraftedStep", target_logits: torch.Tensor,
@@ -171,9 +174,9 @@ class Generation:
         return (yield from proposal_steps(self.drafter, self.tokens[: self.length], k, self.params, self.generator))
 
     def _accept(self, target_logits: torch.Tensor, proposal: DraftProposal) -> Verdict:
+        if self.params.greedy:  # host drafts stay on the host: verify_greedy reads the target's picks once
+            return verify_greedy(target_logits, proposal.tokens)
         draft_tokens = proposal.tokens.to(target_logits.device)
-        if self.params.greedy:
-            return verify_greedy(target_logits, draft_tokens)
         target_probs = to_probs(target_logits, self.params)
         draft_probs = proposal.probs.to(target_logits.device) if proposal.probs is not None else None
         return verify_sampled(target_probs, draft_tokens, draft_probs, self.generator)
