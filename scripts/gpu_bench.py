@@ -9,7 +9,12 @@
    S = E[accepted + 1] * T_target / (T_verify(k) + k * T_draft), and transformers' generate()
    plain, static-cache compiled, and assisted with the target as its own assistant.
 
-Usage (device tool): PYTHONPATH=src python3 scripts/gpu_bench.py [--quick] [--no-compile]
+Plain decoding is timed with and without GreedyChain and programmatic dependent launch; each
+(alpha, k) pools --repeats runs of fresh draws, each paired with a plain run just before it.
+
+Usage (device tool): PYTHONPATH=src python3 scripts/gpu_bench.py [--quick] [--no-compile] [--repeats N]
+(scripts/gpu_profile.py: kernels of a step or a prefill; scripts/gpu_host_gaps.py: GPU idle time
+in the speculative loop)
 (run `python3 -m pytest tests/test_graph_decoder.py` first: the graph tests need a GPU)
 """
 from __future__ import annotations

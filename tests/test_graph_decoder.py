@@ -70,8 +70,9 @@ def test_chained_plain_decoding_emits_step_by_step_greedy_tokens_and_rewinds_wha
     for prompt in PROMPTS:
         expected = Engine(reference).generate(prompt, max_new_tokens=24, num_draft_tokens=0).token_ids
         generation = Engine(decoder).start(prompt, SamplingParams(max_new_tokens=24, num_draft_tokens=0))
+        generation.step()
+        assert generation._chain is not None  # the chained path runs, not the verify path
         assert generation.run().token_ids == expected, prompt
-        assert generation._chain is not None  # the chained path ran, not the verify path
         assert decoder.cache_length(generation.cache) == generation.length - 1  # all but the last token
     eos = expected[5]
     reference.eos_token_ids = decoder.eos_token_ids = frozenset({eos})
@@ -80,6 +81,29 @@ def test_chained_plain_decoding_emits_step_by_step_greedy_tokens_and_rewinds_wha
     assert generation.run().token_ids == stopped.token_ids and stopped.token_ids[-1] == eos
     assert len(stopped.token_ids) < 24 and generation.output().finish_reason == "stop"
     assert decoder.cache_length(generation.cache) == generation.length - 1  # the step after the EOS is gone
+
+
+def test_a_chained_generation_that_joins_a_batch_and_leaves_it_keeps_its_own_tokens():
+    """Alone, a plain greedy request runs chained (its cache a step ahead); in a batch it is
+    drafted and verified with the others, so it must first fall back to the loop's invariant."""
+    from specdec.batching import BatchStepper
+
+    reference, decoder = _decoder(tiny.llama(0, dtype=DTYPE))
+    expected = Engine(reference).generate(PROMPTS[0], max_new_tokens=20, num_draft_tokens=0).token_ids
+    other_expected = Engine(reference).generate(PROMPTS[1], max_new_tokens=6, num_draft_tokens=0).token_ids
+    engine = Engine(decoder, drafter="ngram")
+    chained = engine.start(PROMPTS[0], SamplingParams(max_new_tokens=20, num_draft_tokens=0))
+    other = engine.start(PROMPTS[1], SamplingParams(max_new_tokens=6))
+    stepper = BatchStepper(decoder)
+    for _ in range(3):
+        stepper.step([chained])
+    assert chained._chain is not None
+    while not other.finished:
+        assert not any(isinstance(r, BaseException) for r in stepper.step([g for g in (chained, other)
+                                                                               if not g.finished]))
+    while not chained.finished:
+        stepper.step([chained])
+    assert chained.output().token_ids == expected and other.output().token_ids == other_expected
 
 
 def test_chained_decoding_is_only_for_plain_greedy_requests():

@@ -111,6 +111,8 @@ class Generation:
             raise RuntimeError("generation already finished")
         if self._started is None:
             self._prefill()
+        if self._chain is not None:  # a batch drives this chained generation now (batching.py)
+            self._unchain()
         started = time.perf_counter()
         proposal = yield from self._propose(k)
         if self._synchronize is not None:  # GPU work is asynchronous: the draft's time is its finish
@@ -149,9 +151,15 @@ class Generation:
         verdict = Verdict(num_accepted=0, next_token=self._chain.take())
         self.stats.record_step(0, 0, 0, 0)
         out = self._emit(empty_proposal(), verdict)
-        if out.finished:  # the cache holds the newest token and any step launched after it
-            self.target.rewind(self.cache, self.length - 1)
+        if out.finished:
+            self._unchain()
         return out
+
+    def _unchain(self) -> None:
+        """Back to the loop's invariant: the chain's cache holds the newest token too, and
+        any step queued after it; those are dropped (a later step() starts a new chain)."""
+        self._chain = None
+        self.target.rewind(self.cache, self.length - 1)
 
     def _prefill(self) -> None:
         self._started = time.perf_counter()
