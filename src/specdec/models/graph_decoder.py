@@ -208,12 +208,12 @@ class GraphDecoder(CompactDecoder):
 
     def _static_body(self, token_ids: torch.Tensor, slot: _Slot) -> torch.Tensor:
         n = token_ids.shape[0]
-        if self.kernels and n <= gpu_kernels.MAX_ROWS:
-            return self._fused_body(token_ids, slot)
         positions = slot.start + self._offsets[:n]  # [n], on the device
         hidden = self.embedding(token_ids).float()
         angles = positions.float()
         rotary = [_cos_sin(angles, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
+        if self.kernels and n <= gpu_kernels.MAX_ROWS:
+            return self._fused_layers(hidden, rotary, slot)
         keys = self._key_positions[None]
         causal = keys <= positions[:, None]  # [n, capacity]
         masks: dict[int | None, torch.Tensor] = {}
@@ -225,13 +225,10 @@ class GraphDecoder(CompactDecoder):
             hidden = self._layer(layer, i, hidden, rotary[layer.rope], self._attention(slot, positions, masks[window]))
         return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
 
-    def _fused_body(self, token_ids: torch.Tensor, slot: _Slot) -> torch.Tensor:
+    def _fused_layers(self, hidden: torch.Tensor, rotary: list[tuple[torch.Tensor, torch.Tensor]],
+                      slot: _Slot) -> torch.Tensor:
         """The same layers as _static_body in 9 kernels each (gpu_kernels); the final hidden
         state comes out normed, in the weights' dtype."""
-        n = token_ids.shape[0]
-        angles = (slot.start + self._offsets[:n]).float()
-        rotary = [_cos_sin(angles, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
-        hidden = self.embedding(token_ids).float()
         delta = None  # the last MLP's output, added to the residual stream by the next norm
         for i, layer in enumerate(self._layers):
             cos, sin = rotary[layer.rope]
