@@ -46,5 +46,6 @@ def test_shipped_distilled_draft_fits_the_default_target_and_stays_exact():
         ours = engine.generate(prompt, max_new_tokens=32, num_draft_tokens=3)
         assert ours.token_ids == expected, prompt
         accepted, drafted = accepted + ours.stats.accepted_tokens, drafted + ours.stats.drafted_tokens
-    # an untrained 4-layer draft agrees on almost nothing (measured: under 5 %)
-    assert accepted / drafted > 0.25
+    # the benchmark measured 68 % at k=4 on its 15 prompts; an untrained 4-layer draft
+    # agreed on under 5 %
+    assert accepted / drafted > 0.5

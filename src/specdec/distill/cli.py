@@ -21,6 +21,9 @@ def add_distill_parser(sub) -> None:
                         "builtin:python-docs / builtin:python-source; several joined by commas")
     p.add_argument("--out", required=True, help="directory for the draft (and checkpoints while training)")
     p.add_argument("--layers", type=int, default=2, help="draft layers, initialised from the target's (default: 2)")
+    p.add_argument("--shared-layers", type=int, default=0, metavar="N",
+                   help="the draft's first N layers are the target's own, untrained and not stored: a deeper "
+                        "draft in the same bytes (default: 0)")
     p.add_argument("--draft-vocab", type=int, default=16384, metavar="N",
                    help="the draft scores the N most frequent tokens of the training text (default: 16384)")
     p.add_argument("--steps", type=int, default=1000)
@@ -68,7 +71,7 @@ def _distill(args: argparse.Namespace) -> int:
 
     from ..api import _ensure_log_handler
     from ..errors import SpecDecError
-    from ..models.distilled_draft import TargetIdentity, load_distilled_draft
+    from ..models.distilled_draft import TargetIdentity, check_shared_layers, load_distilled_draft
     from ..models.loading import load_model, resolve_device, resolve_dtype
     from .corpus import build_corpus, read_documents
     from .evaluate import evaluate, format_table, held_out_prompts
@@ -80,6 +83,7 @@ def _distill(args: argparse.Namespace) -> int:
             raise SpecDecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise SpecDecError(f"--lr must be positive, got {args.lr}")
+    check_shared_layers(args.shared_layers, args.layers)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise SpecDecError(f"--out {str(out)!r} exists and is not a directory")
@@ -121,7 +125,7 @@ def _distill(args: argparse.Namespace) -> int:
         sequences = torch.cat([sequences, generated])
     token_map = token_map_from(sequences, args.draft_vocab, target.vocab_size, set(target.eos_token_ids))
     identity = TargetIdentity.of(target.model, target.vocab_size, tokenizer)
-    config = TrainingConfig(layers=args.layers, steps=args.steps,
+    config = TrainingConfig(layers=args.layers, shared_layers=args.shared_layers, steps=args.steps,
                             batch_size=args.batch_size, learning_rate=args.lr,
                             checkpoint_every=args.checkpoint_every, seed=args.seed, storage=args.storage)
     details = {"data": args.data, "generated_tokens": int(args.generated_tokens), "target": args.target or "default"}
@@ -138,7 +142,8 @@ def _distill(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="specdec-untrained-") as untrained_dir:
         # the starting point (the target's copied layers, untrained), for the before/after table
         distil(target.model, identity, sequences, Path(untrained_dir),
-               TrainingConfig(layers=args.layers, steps=0, progress=False), token_map)
+               TrainingConfig(layers=args.layers, shared_layers=args.shared_layers, steps=0, progress=False),
+               token_map)
         untrained = load_distilled_draft(untrained_dir, target, tokenizer)
     rows = evaluate(target, tokenizer, {"ngram": ("ngram", None), "untrained draft": ("model", untrained),
                                         "distilled draft": ("model", trained),

@@ -21,8 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import SpecDecError
-from ..models.distilled_draft import (TargetIdentity, body_of, build_draft_module, initial_layers, save_draft,
-                                      trainable_parameters, trained_state)
+from ..models.distilled_draft import (TargetIdentity, body_of, build_draft_module, check_shared_layers,
+                                      initial_layers, save_draft, trainable_parameters, trained_state)
 
 log = logging.getLogger("specdec")
 
@@ -32,6 +32,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 @dataclass
 class TrainingConfig:
     layers: int = 2
+    shared_layers: int = 0  # the draft's first layers that stay the target's own (not trained, not stored)
     steps: int = 1000
     batch_size: int = 8
     learning_rate: float = 5e-4
@@ -72,8 +73,9 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
     device = target.get_input_embeddings().weight.device
     target.eval().requires_grad_(False)
     layer_ids = initial_layers(target.config.get_text_config().num_hidden_layers, config.layers)
-    draft = build_draft_module(target, layer_ids)
-    params = trainable_parameters(draft)
+    check_shared_layers(config.shared_layers, config.layers)
+    draft = build_draft_module(target, layer_ids).requires_grad_(False)
+    params = trainable_parameters(draft, config.shared_layers)
     # A half-precision target trains its draft under autocast with float32 master weights;
     # a float32 or float64 target trains in its own precision.
     low_precision = target.dtype in (torch.bfloat16, torch.float16)
@@ -86,7 +88,7 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
     earlier = {"tokens": 0, "seconds": 0.0, "first_loss": None}  # of the runs a resume continues
     checkpoint_path = out / CHECKPOINT_FILE
     if resume and checkpoint_path.exists():
-        start_step, earlier = _restore(checkpoint_path, draft, optimizer, token_map, layer_ids)
+        start_step, earlier = _restore(checkpoint_path, draft, optimizer, token_map, layer_ids, config.shared_layers)
         log.info("resuming from step %d of %d (%s)", start_step, config.steps, checkpoint_path)
     elif resume:
         log.info("no checkpoint in %s: starting from the target's layers", out)
@@ -123,7 +125,7 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}", refresh=False)
         bar.update(1)
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _checkpoint(checkpoint_path, draft, optimizer, token_map, layer_ids, step + 1, {
+            _checkpoint(checkpoint_path, draft, optimizer, token_map, layer_ids, config.shared_layers, step + 1, {
                 "tokens": earlier["tokens"] + tokens, "seconds": earlier["seconds"] + time.perf_counter() - started,
                 "first_loss": earlier["first_loss"] if earlier["first_loss"] is not None else losses[0]})
     bar.close()
@@ -138,7 +140,7 @@ def distil(target: nn.Module, identity: TargetIdentity, sequences: torch.Tensor,
                      "learning_rate": config.learning_rate, "tokens": result.tokens,
                      "seconds": round(result.seconds, 1), "device": str(device),
                      "first_loss": result.first_loss, "last_loss": result.last_loss, **(details or {})},
-    }, storage=config.storage)
+    }, storage=config.storage, shared_layers=config.shared_layers)
     checkpoint_path.unlink(missing_ok=True)
     return result
 
@@ -190,10 +192,10 @@ def _batches(rows: int, batch_size: int, generator: torch.Generator, skip: int):
 
 
 def _checkpoint(path: Path, draft: nn.Module, optimizer: torch.optim.Optimizer, token_map: torch.Tensor,
-                layer_ids: list[int], step: int, totals: dict[str, Any]) -> None:
+                layer_ids: list[int], shared_layers: int, step: int, totals: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "layer_ids": layer_ids, "token_map": token_map.cpu(), "totals": totals,
-             "trainable": trained_state(draft),
+    state = {"step": step, "layer_ids": layer_ids, "shared_layers": shared_layers, "token_map": token_map.cpu(),
+             "totals": totals, "trainable": trained_state(draft, shared_layers),
              "optimizer": optimizer.state_dict()}
     staged = path.with_suffix(".tmp")
     torch.save(state, staged)
@@ -201,13 +203,14 @@ def _checkpoint(path: Path, draft: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def _restore(path: Path, draft: nn.Module, optimizer: torch.optim.Optimizer, token_map: torch.Tensor,
-             layer_ids: list[int]) -> tuple[int, dict[str, Any]]:
+             layer_ids: list[int], shared_layers: int) -> tuple[int, dict[str, Any]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged file
         raise SpecDecError(f"cannot read the checkpoint {path}: {exc}; delete it to start over") from None
-    if state["layer_ids"] != layer_ids or not torch.equal(state["token_map"], token_map.cpu()):
-        raise SpecDecError(f"the checkpoint in {path} was made with other settings (--layers, --draft-vocab or "
+    if (state["layer_ids"] != layer_ids or state.get("shared_layers", 0) != shared_layers
+            or not torch.equal(state["token_map"], token_map.cpu())):
+        raise SpecDecError(f"the checkpoint in {path} was made with other settings (--layers, --shared-layers, --draft-vocab or "
                            "data): use the same ones, or delete it to start over")
     body_of(draft).load_state_dict(state["trainable"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
