@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from specdec.draft_length import INITIAL_DRAFT_TOKENS, PROBE_EVERY, DraftLengthPolicy
+from specdec.draft_length import INITIAL_DRAFT_TOKENS, PROBE_EVERY, CostMemory, DraftLengthPolicy
 
 # Measured shape on the project's 2-core CPU (Gemma 3 270M): flat to 6 positions, then rising.
 VERIFY_S = {1: 0.125, 2: 0.102, 3: 0.117, 4: 0.122, 5: 0.113, 6: 0.126, 7: 0.154, 8: 0.142, 9: 0.168,
@@ -81,3 +81,50 @@ def test_bursty_acceptance_drafts_long_inside_a_copied_span_and_short_outside():
     policy.observe(4, 4, verify_s=VERIFY_S[5])
     after_full_accept = policy.next(budget=100)
     assert after_full_accept >= 5 > after_reject
+
+
+# Measured through llama.cpp on the same CPU (Gemma 3 270M Q4_K_M, logits at every position):
+# each verified position costs about another step.
+LLAMA_CPP_VERIFY_S = {1: 0.0137, 2: 0.0265, 3: 0.0424, 4: 0.0351, 5: 0.0530}
+
+
+def test_a_new_generation_starts_from_the_costs_earlier_generations_measured():
+    memory = CostMemory()
+    first = DraftLengthPolicy(costs=memory)
+    assert first.next(budget=100) == INITIAL_DRAFT_TOKENS  # nothing known yet
+    for positions, seconds in LLAMA_CPP_VERIFY_S.items():
+        first.observe(positions - 1, 0, verify_s=seconds)
+    second, fresh = DraftLengthPolicy(costs=memory), DraftLengthPolicy()
+    assert second.measured_positions == [1, 2, 3, 4, 5] and fresh.measured_positions == []
+    # At the prior acceptance (0.7) no k pays on this curve: the new generation starts plain
+    # instead of paying for a 5-position verify to learn what the first one already knew.
+    assert second.next(budget=100) == 0 == _best_by_brute_force(second, 4)
+    assert fresh.next(budget=100) == INITIAL_DRAFT_TOKENS
+    # and what it measures refines the shared memory for the next one
+    second.observe(1, 1, verify_s=0.0300, draft_s=0.004)
+    assert memory.verify_s[2] == pytest.approx(0.7 * 0.0265 + 0.3 * 0.0300)
+    assert memory.draft_s_per_token == pytest.approx(0.004)
+
+
+def test_a_seeded_policy_neither_reads_nor_writes_the_shared_costs():
+    memory = CostMemory()
+    memory.verify_s.update(LLAMA_CPP_VERIFY_S)
+    seeded = DraftLengthPolicy(timing_free_draft_cost=0.2, costs=memory)
+    assert seeded.measured_positions == [1]  # its own unit cost only
+    seeded.observe(2, 1, verify_s=9.0, draft_s=9.0)
+    assert memory.verify_s == LLAMA_CPP_VERIFY_S and memory.draft_s_per_token is None
+
+
+def test_an_engine_hands_each_request_the_costs_its_earlier_requests_measured(target_llama, self_draft_llama):
+    from specdec import Engine
+    from specdec.sampling_params import SamplingParams
+
+    engine = Engine(target_llama, drafter="model", draft_model=self_draft_llama)
+    params = SamplingParams(max_new_tokens=16)
+    first = engine.start([1, 5, 9, 33], params)
+    assert first.policy.measured_positions == []
+    first.run()
+    second = engine.start([1, 7, 7, 7], params)
+    assert second.policy.measured_positions == first.policy.measured_positions != []
+    # another drafter is another cost curve: it starts from nothing
+    assert engine.with_drafter("ngram").start([1, 7, 7, 7], params).policy.measured_positions == []

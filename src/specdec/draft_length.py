@@ -29,9 +29,24 @@ PROBE_EVERY = 8  # steps between 1-token probes while speculation is off
 MAX_PROBE_INTERVAL = 64
 
 
+class CostMemory:
+    """What verifying and drafting cost for one target and drafter, kept across generations.
+
+    Costs belong to the model and the machine, not to a request: a generation that learned
+    them from scratch spent its first steps trying draft lengths whose cost it did not know
+    (on llama.cpp, verifying 5 positions of Gemma 3 270M costs ~4 one-position steps), which
+    a 64-token answer never earns back. Acceptance stays per generation: it is the text's."""
+
+    def __init__(self) -> None:
+        self.verify_s: dict[int, float] = {}  # positions verified -> smoothed seconds
+        self.draft_s_per_token: float | None = None
+
+
 class DraftLengthPolicy:
     def __init__(self, fixed: int | None = None, maximum: int = MAX_DRAFT_TOKENS,
-                 timing_free_draft_cost: float | None = None) -> None:
+                 timing_free_draft_cost: float | None = None, costs: CostMemory | None = None) -> None:
+        """costs: a memory shared with earlier and later generations of the same target and
+        drafter (ignored when k is bound to a seed, which must not depend on timings)."""
         self.fixed = fixed
         self.maximum = maximum
         self._timing_free = timing_free_draft_cost is not None
@@ -39,11 +54,13 @@ class DraftLengthPolicy:
         self._accepted = {True: 0.0, False: 0.0}
         self._tested = {True: 0.0, False: 0.0}
         self._last_fully_accepted = False
-        self._verify_s: dict[int, float] = {}  # positions verified -> smoothed seconds
-        self._draft_s_per_token: float | None = timing_free_draft_cost
+        self._costs = CostMemory() if costs is None or self._timing_free else costs
+        self._verify_s = self._costs.verify_s  # shared: every generation's timings refine it
+        self._draft_s_per_token: float | None = (timing_free_draft_cost if self._timing_free
+                                                 else self._costs.draft_s_per_token)
         self._steps_off = 0
         if self._timing_free:
-            self._verify_s = {1: 1.0}  # every verify costs one unit
+            self._verify_s[1] = 1.0  # every verify costs one unit
 
     @property
     def acceptance(self) -> float:
@@ -65,6 +82,11 @@ class DraftLengthPolicy:
             if self._steps_off % PROBE_EVERY == 0:
                 return 1
         return best
+
+    @property
+    def measured_positions(self) -> list[int]:
+        """Verify sizes (positions) whose cost this policy knows, its own runs' or earlier ones'."""
+        return sorted(self._verify_s)
 
     @property
     def adaptive(self) -> bool:
@@ -112,6 +134,10 @@ class DraftLengthPolicy:
             per_token = draft_s / num_drafted
             old = self._draft_s_per_token
             self._draft_s_per_token = per_token if old is None else 0.7 * old + 0.3 * per_token
+            # The memory's estimate moves slower: a hybrid drafter's cost per token depends on
+            # how often the text lets the free lookup draft, which is the request's.
+            shared = self._costs.draft_s_per_token
+            self._costs.draft_s_per_token = per_token if shared is None else 0.9 * shared + 0.1 * per_token
 
 
 class BatchDraftPlanner:

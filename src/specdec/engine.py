@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+from .draft_length import CostMemory
 from .drafters.base import DrafterFactory
 from .drafters.hybrid import HybridDrafter
 from .drafters.model import ModelDrafter
@@ -36,6 +37,7 @@ class Engine:
         self.drafter_name = drafter
         self._drafter_factory = _drafter_factory(drafter, target, draft_model)
         self._draft_cost: float | None = None
+        self._costs = CostMemory()  # this target and drafter's step costs, learned across requests
 
     def with_drafter(self, drafter: str, draft_model: CausalLM | None = None) -> "Engine":
         """Same target and tokenizer, another drafter (weights are shared, not copied)."""
@@ -49,7 +51,8 @@ class Engine:
             raise InvalidRequestError("stop strings need a tokenizer, and this model has none", "stop")
         self._check_length(len(prompt_ids), params.max_new_tokens)
         drafter = self._drafter_factory() if self._drafter_factory and params.num_draft_tokens != 0 else None
-        return Generation(self.target, drafter, prompt_ids, params, self.tokenizer, self._relative_draft_cost())
+        return Generation(self.target, drafter, prompt_ids, params, self.tokenizer, self._relative_draft_cost(),
+                          self._costs)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, num_draft_tokens: int | None = None,

@@ -19,7 +19,7 @@ from typing import Any, Generator
 import torch
 
 from .acceptance import Verdict, verify_greedy, verify_sampled
-from .draft_length import DraftLengthPolicy
+from .draft_length import CostMemory, DraftLengthPolicy
 from .drafters.base import (DraftFeed, DraftProposal, Drafter, ProposalSteps, empty_proposal, proposal_steps,
                              run_alone)
 from .logits import to_probs
@@ -62,15 +62,19 @@ class Generation:
         params: SamplingParams,
         tokenizer: Any | None,
         relative_draft_cost: float = 0.0,
+        costs: CostMemory | None = None,
     ) -> None:
         """relative_draft_cost: a draft token's estimated compute over a target pass's, used
-        for k instead of timings when a seeded sample must be reproducible."""
+        for k instead of timings when a seeded sample must be reproducible.
+        costs: the verify and draft costs learned by earlier generations of this target and
+        drafter (draft_length.CostMemory), refined by this one."""
         self.target = target
         self.drafter = drafter
         self.params = params
         reproducible = params.seed is not None and not params.greedy
         self.policy = DraftLengthPolicy(fixed=params.num_draft_tokens,
-                                        timing_free_draft_cost=relative_draft_cost if reproducible else None)
+                                        timing_free_draft_cost=relative_draft_cost if reproducible else None,
+                                        costs=costs)
         self.max_length = min(len(prompt_ids) + params.max_new_tokens, target.max_context)
         self.tokens = torch.empty(self.max_length, dtype=torch.long)  # prompt + output, preallocated
         self.tokens[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
