@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
 # Distil the default draft (Gemma 3 270M) on a lent GPU, through the `device` tool.
 #
-# The target's GGUF (253 MB) is larger than what one call may carry (64 MiB), so it travels
-# in parts: split it here into build/chunks/ (split -b 50000000 -d FILE build/chunks/part),
-# then make one call per part with its folder (build/x0 ...) carried and `stash` as argument (the
-# machine keeps build/keep/ while it stays warm: call again within 30 s), and a last call,
-# with the data (build/xfer/data), gguf-py (build/xfer/pylib) and the file's digest
-# (build/xfer/gguf.sha256), that assembles, checks and trains. What comes back:
-# $OUT/draft, its weights split into 15 MB pieces (join them with cat).
+# The target's GGUF (253 MB) is larger than what one call may carry (64 MiB, with the working
+# tree's ~25 MiB), so it travels in parts: split it here into 36 MB parts, one folder each
+# (mkdir -p build/s && split -b 36000000 -d FILE build/s/part, then build/x00/part00 ...
+# build/x07/part07), then make one call per part with its folder carried and `stash` as argument
+# (the machine keeps build/keep/ while it stays warm: call again within 30 s), and a last call,
+# carrying the last part's folder and build/xfer (the data in build/xfer/data, gguf-py in
+# build/xfer/pylib and the file's digest in build/xfer/gguf.sha256), that assembles, checks and
+# trains. What comes back: $OUT/draft, its weights split into 15 MB pieces (join them with cat).
 # Usage: scripts/gpu_distill.sh stash | scripts/gpu_distill.sh train [specdec distill options]
 #
-# The shipped draft (src/specdec/drafts/gemma-3-270m) was made on 2026-11-23 on an H100 with
-#   build/x0..x3: the GGUF's parts 00-03; build/x4/tokenizer: tokenizer.json and
+# The shipped draft (src/specdec/drafts/gemma-3-270m) was made on 2026-11-24 on an H100 with
+#   build/x00..x06: the GGUF's parts 00-06, one call each; build/x4/tokenizer: tokenizer.json and
 #   tokenizer_config.json of the default model's converted directory (the GPU machine's
 #   transformers 5.17 converts Gemma's GGUF tokenizer into one that splits text into
-#   characters; this one, from transformers 5.23, does not);
-#   build/xfer: parts 04-05, gguf.sha256, data/ (../shared/data's alpaca, gsm8k-test,
-#   mt-bench and humaneval files, python-docs.jsonl = pydoc topics, stdlib-sample.jsonl =
-#   every 4th module of the standard library), pylib/ (gguf-py with its dist-info),
-# and, after five `stash` calls, the call
-#   scripts/gpu_distill.sh train --tokenizer build/keep/tokenizer --layers 4 --draft-vocab 16384 \
-#     --steps 2500 --batch-size 64 --seq-len 256 --lr 6e-4 --generated-tokens 3000000 \
-#     --generation-temperature 0.8 --storage int8 --device cuda --checkpoint-every 250
-# (made twice: the first call reached its time limit after the checkpoint of step 2250).
+#   characters; this one, from transformers 5.23, does not), one call;
+#   build/xfer: gguf.sha256, data/ (../shared/data's alpaca, gsm8k-test, mt-bench and humaneval
+#   files, python-docs.jsonl = pydoc topics, stdlib-sample.jsonl = every 4th module of the
+#   standard library), pylib/ (gguf-py with its dist-info),
+# and, after those eight `stash` calls, the call (carrying build/x07 and build/xfer)
+#   scripts/gpu_distill.sh train --tokenizer build/keep/tokenizer --layers 12 --shared-layers 8 \
+#     --draft-vocab 16384 --steps 3000 --batch-size 64 --seq-len 256 --lr 6e-4 \
+#     --generated-tokens 3000000 --generation-temperature 0.8 --storage int8 --device cuda \
+#     --checkpoint-every 250
+# (the target's generations took 192 s, training 302 s). The same session trained
+# --layers 10 --shared-layers 6 (298 s); the CPU benchmark chose the 12-layer draft.
 set -euo pipefail
 keep=build/keep
 mkdir -p "$keep"

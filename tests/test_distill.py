@@ -231,6 +231,9 @@ def test_a_shared_layer_draft_on_a_target_with_other_layer_weights_is_refused(ta
     other = load_model(str(other_dir), torch.device("cpu"), torch.float32)
     with pytest.raises(VocabularyMismatchError, match="runs on top of its target's layer 0"):
         load_distilled_draft(directory, other.model, None)
+    _edit_json(directory / "specdec_draft.json", lambda m: m.update(layers_from_target=[2, 0]))
+    with pytest.raises(SpecDecError, match="names 1 shared layers but not which"):
+        load_distilled_draft(directory, target.model, None)
 
 
 def test_distilling_with_shared_layers_trains_only_the_rest_and_stays_lossless(target_dir, data_file, tmp_path):

@@ -232,15 +232,15 @@ def _share_vocabulary_modules(draft: nn.Module, target: nn.Module) -> None:
 
 
 def _share_target_layers(directory: Path, meta: dict[str, Any], draft: nn.Module, target: nn.Module) -> int:
-    """Load the target's own layers into the draft's first `shared_layers` (not stored in the
-    directory), after checking that they are the layers it was distilled on top of."""
+    """Put the target's own layers in the draft's first `shared_layers` places (they are not
+    stored in the directory), after checking that they are the layers it was distilled on."""
     shared = int(meta.get("shared_layers", 0))
     if not shared:
         return 0
     layer_ids = meta.get("layers_from_target", [])
     recorded = meta.get("shared_layer_fingerprints", [])
     target_layers = body_of(target).layers
-    if len(layer_ids) < shared or len(recorded) != shared or max(layer_ids[:shared]) >= len(target_layers):
+    if layer_ids[:shared] != list(range(shared)) or len(recorded) != shared or shared > len(target_layers):
         raise ModelLoadError(f"{directory}/{META_FILE} names {shared} shared layers but not which, or not "
                              "all of their fingerprints; distil the draft again")
     for i, j in enumerate(layer_ids[:shared]):
@@ -250,7 +250,9 @@ def _share_target_layers(directory: Path, meta: dict[str, Any], draft: nn.Module
                 f"the draft in {directory} runs on top of its target's layer {j}, and this target's layer {j} "
                 "has other weights: it was distilled for another model of the same family. Distil a draft "
                 "for this target with specdec distill")
-        body_of(draft).layers[i].load_state_dict(target_layers[j].state_dict())
+        # The module itself, not a copy: the target's weights are in memory once. Its position
+        # is the same in both (shared layers are the target's first), so is its cache index.
+        body_of(draft).layers[i] = target_layers[j]
     return shared
 
 
