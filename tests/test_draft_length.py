@@ -128,3 +128,23 @@ def test_an_engine_hands_each_request_the_costs_its_earlier_requests_measured(ta
     assert second.policy.measured_positions == first.policy.measured_positions != []
     # another drafter is another cost curve: it starts from nothing
     assert engine.with_drafter("ngram").start([1, 7, 7, 7], params).policy.measured_positions == []
+
+
+def test_probes_are_rarer_where_a_probe_costs_a_whole_extra_step():
+    def probes_in(verify_s: dict[int, float], steps: int) -> int:
+        policy = DraftLengthPolicy()
+        for positions, seconds in verify_s.items():
+            policy.observe(positions - 1, 0, verify_s=seconds)
+        for _ in range(10):  # nothing accepted lately, from a costly draft: speculation is off
+            policy.observe(1, 0, draft_s=0.5 * verify_s[1])
+        picks = [policy.next(budget=100) for _ in range(steps)]
+        assert set(picks) <= {0, 1}
+        return picks.count(1)
+
+    # Where a second position is nearly free (the CPU torch path, the GPU), every PROBE_EVERY
+    # steps, as before.
+    assert probes_in({1: 0.100, 2: 0.101}, 64) == 64 // PROBE_EVERY
+    # On llama.cpp's (2 positions: 1.9 steps) probing every 8th step cost ~10 %: far fewer,
+    # but still some, so that acceptance can recover.
+    llama_cpp = probes_in(LLAMA_CPP_VERIFY_S, 64)
+    assert 1 <= llama_cpp <= 3

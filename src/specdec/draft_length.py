@@ -19,11 +19,16 @@ accepted tokens, which the seed determines.
 """
 from __future__ import annotations
 
+import math
+
 MAX_DRAFT_TOKENS = 12
 INITIAL_DRAFT_TOKENS = 4  # until the first costs are measured
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 4.0  # pseudo-observations behind the acceptance estimate
 DECAY = 0.9  # per step: recent drafts count more (text changes character as it goes)
-PROBE_EVERY = 8  # steps between 1-token probes while speculation is off
+PROBE_EVERY = 8  # steps between 1-token probes while speculation is off (at the least)
+# ... and as many more as keep probes within this share of plain decoding's time: on llama.cpp
+# a 2-position verify costs ~2 one-position steps, and probing every 8th step cost ~10 %.
+PROBE_BUDGET = 0.03
 # In a batch, a sequence left at k = 0 probes after 8, then 16, 32, 64 more steps: each probe
 # makes its draft catch up on every token since the last, which a busy step cannot hide.
 MAX_PROBE_INTERVAL = 64
@@ -59,6 +64,7 @@ class DraftLengthPolicy:
         self._draft_s_per_token: float | None = (timing_free_draft_cost if self._timing_free
                                                  else self._costs.draft_s_per_token)
         self._steps_off = 0
+        self._probe_at = PROBE_EVERY
         if self._timing_free:
             self._verify_s[1] = 1.0  # every verify costs one unit
 
@@ -79,9 +85,21 @@ class DraftLengthPolicy:
         best = max(range(limit + 1), key=rates.__getitem__)
         if best == 0 and limit:
             self._steps_off += 1
-            if self._steps_off % PROBE_EVERY == 0:
+            if self._steps_off >= self._probe_at:
+                self._probe_at = self._steps_off + self._probe_interval()
                 return 1
+        elif best:
+            self._steps_off, self._probe_at = 0, PROBE_EVERY
         return best
+
+    def _probe_interval(self) -> int:
+        """Steps between probes: PROBE_EVERY, or more where a probe's extra position costs
+        more than PROBE_BUDGET of a step per step between probes."""
+        one = self._verify_cost(1)
+        extra = self._verify_cost(2) - one
+        if one <= 0 or extra <= 0:
+            return PROBE_EVERY
+        return max(PROBE_EVERY, math.ceil(extra / (PROBE_BUDGET * one)))
 
     @property
     def measured_positions(self) -> list[int]:
