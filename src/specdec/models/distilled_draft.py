@@ -101,8 +101,8 @@ def trainable_parameters(draft: nn.Module, shared_layers: int = 0) -> list[nn.Pa
 
 def check_shared_layers(shared_layers: int, layers: int) -> None:
     if not 0 <= shared_layers < layers:
-        raise SpecDecError(f"--shared-layers {shared_layers}: a draft of {layers} layers can share 0 to {layers - 1} "
-                         "of them with the target (at least one layer is trained)")
+        raise SpecDecError(f"--shared-layers {shared_layers}: a draft of {layers} layers can share 0 to "
+                           f"{layers - 1} of them with the target (at least one layer is trained)")
 
 
 def layer_fingerprint(layer: nn.Module) -> float:
@@ -234,13 +234,14 @@ def _share_vocabulary_modules(draft: nn.Module, target: nn.Module) -> None:
 def _share_target_layers(directory: Path, meta: dict[str, Any], draft: nn.Module, target: nn.Module) -> int:
     """Put the target's own layers in the draft's first `shared_layers` places (they are not
     stored in the directory), after checking that they are the layers it was distilled on."""
-    shared = int(meta.get("shared_layers", 0))
+    shared = meta.get("shared_layers", 0)
     if not shared:
         return 0
-    layer_ids = meta.get("layers_from_target", [])
-    recorded = meta.get("shared_layer_fingerprints", [])
+    layer_ids = meta.get("layers_from_target")
+    recorded = meta.get("shared_layer_fingerprints")
     target_layers = body_of(target).layers
-    if layer_ids[:shared] != list(range(shared)) or len(recorded) != shared or shared > len(target_layers):
+    if (not isinstance(shared, int) or not isinstance(layer_ids, list) or not isinstance(recorded, list)
+            or layer_ids[:shared] != list(range(shared)) or len(recorded) != shared or shared > len(target_layers)):
         raise ModelLoadError(f"{directory}/{META_FILE} names {shared} shared layers but not which, or not "
                              "all of their fingerprints; distil the draft again")
     for i, j in enumerate(layer_ids[:shared]):
