@@ -112,6 +112,6 @@ class ShippedDraft:
 DRAFTS: dict[str, ShippedDraft] = {
     "gemma-3-270m-distilled": ShippedDraft(
         name="gemma-3-270m-distilled", target="gemma-3-270m",
-        description="4-layer draft distilled from Gemma 3 270M (16k-token head, int8, 22 MB); see README, specdec distill",
+        description="12-layer draft of Gemma 3 270M: its first 8 layers shared, 4 distilled (16k-token head, int8, 22 MB); see README, specdec distill",
     ),
 }
