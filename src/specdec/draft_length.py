@@ -138,8 +138,7 @@ class DraftLengthPolicy:
         if self._timing_free:
             verify_s = draft_s = None
         if verify_s is not None:
-            old = self._verify_s.get(num_drafted + 1)
-            self._verify_s[num_drafted + 1] = verify_s if old is None else 0.7 * old + 0.3 * verify_s
+            self._verify_s[num_drafted + 1] = _smoothed(self._verify_s.get(num_drafted + 1), verify_s)
         if num_drafted == 0:
             return
         # A draft is checked position by position up to its first rejection.
@@ -150,12 +149,10 @@ class DraftLengthPolicy:
         self._last_fully_accepted = num_accepted == num_drafted
         if draft_s is not None:
             per_token = draft_s / num_drafted
-            old = self._draft_s_per_token
-            self._draft_s_per_token = per_token if old is None else 0.7 * old + 0.3 * per_token
+            self._draft_s_per_token = _smoothed(self._draft_s_per_token, per_token)
             # The memory's estimate moves slower: a hybrid drafter's cost per token depends on
             # how often the text lets the free lookup draft, which is the request's.
-            shared = self._costs.draft_s_per_token
-            self._costs.draft_s_per_token = per_token if shared is None else 0.9 * shared + 0.1 * per_token
+            self._costs.draft_s_per_token = _smoothed(self._costs.draft_s_per_token, per_token, weight=0.1)
 
 
 class BatchDraftPlanner:
@@ -239,8 +236,7 @@ class BatchDraftPlanner:
         return ks
 
     def observe(self, rows: int, seconds: float) -> None:
-        old = self._verify_s.get(rows)
-        self._verify_s[rows] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        self._verify_s[rows] = _smoothed(self._verify_s.get(rows), seconds)
 
     def verify_cost(self, rows: int) -> float:
         if rows in self._verify_s:
@@ -263,3 +259,8 @@ class BatchDraftPlanner:
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         var = sum((x - mx) ** 2 for x in xs)
         return max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
+
+
+def _smoothed(old: float | None, new: float, weight: float = 0.3) -> float:
+    """An exponentially smoothed timing: `new` counts `weight`, the history the rest."""
+    return new if old is None else (1.0 - weight) * old + weight * new

@@ -23,7 +23,7 @@ from .draft_length import CostMemory, DraftLengthPolicy
 from .drafters.base import (DraftFeed, DraftProposal, Drafter, ProposalSteps, empty_proposal, proposal_steps,
                              run_alone)
 from .logits import to_probs
-from .models.base import CausalLM
+from .models.base import CausalLM, pinned
 from .sampling_params import SamplingParams
 from .stats import DRAFT, TARGET, GenerationStats
 from .text_stream import TextStream
@@ -124,8 +124,8 @@ class Generation:
         # Draft tokens stay where the drafter made them: a GPU draft is not waited for here.
         device = proposal.tokens.device
         last = self.tokens[self.length - 1 : self.length]
-        if device.type == "cuda":  # queued behind the drafts, not waited for (see graph_decoder._pinned)
-            last = last.pin_memory().to(device, non_blocking=True)
+        if device.type == "cuda":  # queued behind the drafts, not waited for
+            last = pinned(last).to(device, non_blocking=True)
         verify_ids = torch.cat([last, proposal.tokens])  # [k+1]
         return DraftedStep(proposal, verify_ids, time.perf_counter() - started)
 

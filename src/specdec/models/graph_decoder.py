@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gpu_kernels
+from .base import pinned
 from .compact_decoder import CompactDecoder, _cos_sin, _Layer, _linear
 
 GRAPH_MAX_TOKENS = 16  # steps feeding more tokens than this (prompts) run eagerly
@@ -114,7 +115,7 @@ class GraphDecoder(CompactDecoder):
         slot.start.fill_(cache.length)
         if n not in slot.graphs:
             self._capture(slot, n)
-        slot.inputs[n].copy_(_pinned(token_ids), non_blocking=True)
+        slot.inputs[n].copy_(pinned(token_ids), non_blocking=True)
         slot.graphs[n].replay()
         cache.length += n
         return slot.outputs[n][n - num_logits :]
@@ -289,15 +290,6 @@ class GraphDecoder(CompactDecoder):
         if cache.length + n > self.capacity:
             raise ValueError(f"the static cache holds {self.capacity} positions; "
                              f"{cache.length} + {n} do not fit")
-
-
-def _pinned(tokens: torch.Tensor) -> torch.Tensor:
-    """Host tokens in page-locked memory, so that their copy to the GPU is queued rather than
-    waited for: to stage a pageable copy the driver may wait for the stream to drain, and the
-    graph launched after it then starts on an idle GPU (with this and verify_greedy reading
-    host drafts on the host, an 8B/1B step at alpha 0.9, k 6 went from 16.15 to 15.19 ms).
-    PyTorch's pinned-memory cache keeps the block until the queued copy has read it."""
-    return tokens.pin_memory() if tokens.device.type == "cpu" else tokens
 
 
 class GreedyChain:
