@@ -1,5 +1,5 @@
-"""The native CPU kernels (native/*.c: few-row products, the one-row decode step): compiled
-once per machine, loaded by ctypes.
+"""The native CPU kernels (native/*.c: few-row products, the one-row decode step, the Q8_0
+head): compiled once per machine, loaded by ctypes.
 
 Import torch before loading it: its OpenMP calls then bind to the libgomp PyTorch loaded.
 
@@ -25,7 +25,7 @@ from .cache_dir import cache_root
 
 log = logging.getLogger("specdec")
 
-SOURCES = [Path(__file__).with_name("native") / name for name in ("few_rows.c", "one_row_step.c")]
+SOURCES = [Path(__file__).with_name("native") / name for name in ("few_rows.c", "one_row_step.c", "q8_0_head.c")]
 _library: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
@@ -81,6 +81,9 @@ def _build_and_load() -> ctypes.CDLL | None:
     lib.few_rows_i8_parallel.restype = None
     lib.one_row_step.argtypes = [pointer, ctypes.c_int64, pointer, pointer, ctypes.c_int64]
     lib.one_row_step.restype = ctypes.c_int
+    lib.q8_0_head.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int]
+    lib.q8_0_head.restype = ctypes.c_int
+    lib.q8_0_head_vectorized.argtypes, lib.q8_0_head_vectorized.restype = [], ctypes.c_int
     if not lib.few_rows_vectorized():
         log.info("the native CPU kernels were built without AVX2/FMA: using PyTorch's products")
         return None

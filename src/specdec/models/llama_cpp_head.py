@@ -1,0 +1,272 @@
+"""The output head of a llama.cpp model, run here instead of in llama.cpp, for every position at once.
+
+llama.cpp multiplies the output head once per position that wants logits. A verify wants them at
+every drafted position, and Gemma 3 270M's Q8_0 head (262144 x 640, 178 MB of the 253 MB file)
+then dominates: on a 2-core EPYC, 7.2 ms a position against 4 ms for the rest of a step, so
+verifying five positions cost 43 ms, four plain steps. Our product (native/q8_0_head.c) reads
+the head once for all positions: 6.4 ms for one, 10.5 ms for five.
+
+To stop llama.cpp computing its head, it runs a *body* model derived once from the GGUF: the
+same metadata and layers, no tokenizer, and an identity output matrix, so its "logits" are the
+final-norm hidden states. It is fed input embeddings, which we look up from the GGUF's token
+embedding (times the architecture's input scale, which llama.cpp applies only to token input).
+The head's Q8_0 blocks are read from the original file, memory-mapped.
+
+Use is decided once per GGUF, by a check against llama.cpp's own logits on a probe sequence
+(recorded in the derived directory): a head type other than Q8_0, an architecture whose input
+scale is not known here, or any mismatch (a final soft-cap, say) keeps llama.cpp's own head.
+SPECDEC_LLAMA_CPP_HEAD=0 turns it off.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import native_matmul
+from .cache_dir import cache_root
+
+log = logging.getLogger("specdec")
+
+Q8_0 = 8  # ggml_type
+BLOCK_BYTES, BLOCK_VALUES = 34, 32
+FORMAT = 1  # of the derived directory; bump when what it holds changes
+
+# What the architecture multiplies token embeddings by before the first layer (llama.cpp's graph
+# applies it to token input only, so embedding input must carry it). Others are not split.
+_INPUT_SCALE = {"gemma": "sqrt", "gemma2": "sqrt", "gemma3": "sqrt", "llama": 1.0, "mistral": 1.0, "qwen2": 1.0,
+                "qwen3": 1.0, "phi3": 1.0}
+# The check's bar: logits within this fraction of their largest magnitude, and the same argmax.
+CHECK_TOLERANCE = 1e-4
+
+
+@dataclass
+class SplitHead:
+    """A GGUF's body model and the head product that completes it."""
+
+    source: Path
+    body: Path
+    hidden: int
+    vocab_size: int
+    head_offset: int
+    embed_offset: int
+    embed_type: int
+    input_scale: float
+    eos_token_ids: tuple[int, ...]
+    _mapped: np.ndarray = field(init=False, repr=False)
+    _head: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._mapped = np.memmap(self.source, dtype=np.uint8, mode="r")
+        row_bytes = self.hidden // BLOCK_VALUES * BLOCK_BYTES
+        self._head = self._mapped[self.head_offset : self.head_offset + self.vocab_size * row_bytes]
+        self._library = native_matmul.library()
+
+    def embed(self, token_ids: list[int]) -> np.ndarray:
+        """Input embeddings [n, hidden], float32, as llama.cpp's own lookup and input scale give them."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if self.embed_type == Q8_0:
+            row_bytes = self.hidden // BLOCK_VALUES * BLOCK_BYTES
+            table = self._mapped[self.embed_offset : self.embed_offset + self.vocab_size * row_bytes]
+            blocks = table.reshape(self.vocab_size, -1, BLOCK_BYTES)[ids]
+            scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float32)
+            values = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).astype(np.float32)
+            rows = (values * scales).reshape(len(ids), self.hidden)
+        else:
+            rows = _dequantized_rows(self._mapped, self.embed_offset, self.embed_type, self.vocab_size, self.hidden, ids)
+        return rows * np.float32(self.input_scale) if self.input_scale != 1.0 else rows
+
+    def logits(self, hidden: np.ndarray, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [n, vocab] for final-norm hidden states [n, hidden] (float32, contiguous)."""
+        n = hidden.shape[0]
+        if n == 0:
+            return torch.empty(0, self.vocab_size)
+        if out is None or out.shape[0] < n:
+            out = torch.empty(n, self.vocab_size, dtype=torch.float32)
+        result = self._library.q8_0_head(self._head.ctypes.data, self.vocab_size, self.hidden,
+                                         hidden.ctypes.data, n, out.data_ptr(), threads)
+        if result != 0:
+            raise RuntimeError(f"the Q8_0 head product refused {n} positions of {self.hidden} (code {result})")
+        return out[:n]
+
+
+def split_head_for(path: Path) -> SplitHead | None:
+    """The checked split for this GGUF, derived on first use; None where llama.cpp keeps its head."""
+    if os.environ.get("SPECDEC_LLAMA_CPP_HEAD", "1") == "0":
+        return None
+    library = native_matmul.library()
+    if library is None or not library.q8_0_head_vectorized():
+        return None  # the scalar product is slower than llama.cpp's own head
+    directory = cache_root() / "llama-cpp-head" / _source_key(path)
+    record_file = directory / "split.json"
+    record = _read_record(record_file)
+    if record is None:
+        log.info("first use of %s: deriving its body model for the split head (about 15 s, once)", path.name)
+        record = _derive(path, directory)
+    if not record.get("usable"):
+        return None
+    head = _from_record(path, directory, record)
+    if "check" not in record:
+        record["check"] = check(head)
+        record["usable"] = record["check"]["passed"]
+        record["eos_token_ids"] = record["check"].pop("eos_token_ids")
+        head.eos_token_ids = tuple(record["eos_token_ids"])
+        _write_record(record_file, record)
+        if not record["usable"]:
+            log.warning("the split head of %s does not match llama.cpp's own logits (%s): using llama.cpp's head",
+                        path.name, record["check"])
+            return None
+    return head
+
+
+def check(head: SplitHead, probe_length: int = 24, positions: int = 4) -> dict[str, Any]:
+    """Compare the split's logits with llama.cpp's own on a fixed probe sequence; also returns
+    llama.cpp's end-of-sequence tokens (it infers some, e.g. <end_of_turn>, from the vocabulary)."""
+    from .llama_cpp_backend import LlamaCppCausalLM
+
+    probe = torch.tensor(np.random.default_rng(0).integers(4, min(head.vocab_size, 32000), probe_length))
+    logits, eos = [], []
+    for split in (False, head):
+        model = LlamaCppCausalLM(head.source, n_ctx=256, max_sequences=1, split_head=split)
+        logits.append(model.forward(probe, model.new_cache(), positions).clone())
+        eos.append(sorted(model.eos_token_ids))
+        del model
+    own, ours = logits
+    scale = float(own.abs().max())
+    difference = float((own - ours).abs().max())
+    agree = bool(torch.equal(own.argmax(-1), ours.argmax(-1)))
+    return {"max_abs_difference": difference, "logit_scale": scale, "argmax_agrees": agree,
+            "passed": agree and difference <= CHECK_TOLERANCE * scale, "eos_token_ids": eos[0]}
+
+
+# ---- derivation ------------------------------------------------------------------------------
+def _source_key(path: Path) -> str:
+    """Content-based, cheap: the size and the first and last MiB (the header names every tensor)."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(f"{FORMAT}:{size}".encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(0, size - (1 << 20)))
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:20]
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The directory's record, or None where it is missing, damaged or of another format."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        return None
+    if record.get("usable") and not (path.parent / "body.gguf").is_file():
+        return None
+    return record
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(record, indent=1))
+    os.replace(staging, path)
+
+
+def _from_record(source: Path, directory: Path, record: dict[str, Any]) -> SplitHead:
+    return SplitHead(source=source, body=directory / "body.gguf", hidden=record["hidden"],
+                     vocab_size=record["vocab_size"], head_offset=record["head_offset"],
+                     embed_offset=record["embed_offset"], embed_type=record["embed_type"],
+                     input_scale=record["input_scale"], eos_token_ids=tuple(record["eos_token_ids"]))
+
+
+def _derive(source: Path, directory: Path) -> dict[str, Any]:
+    """Write body.gguf and split.json into `directory` (whole, or not at all)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    arch = str(reader.fields["general.architecture"].contents())
+    hidden = int(reader.fields[f"{arch}.embedding_length"].contents())
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    head_tensor = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    embed_tensor = tensors.get("token_embd.weight")
+    scale = _INPUT_SCALE.get(arch)
+    reason = None
+    if head_tensor is None or embed_tensor is None:
+        reason = "no token embedding or output head"
+    elif int(head_tensor.tensor_type) != Q8_0:
+        reason = f"its head is {head_tensor.tensor_type.name}, not Q8_0"
+    elif scale is None:
+        reason = f"architecture {arch}'s input scale is not known here"
+    elif hidden % BLOCK_VALUES:
+        reason = f"hidden size {hidden} is not a multiple of {BLOCK_VALUES}"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f"{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    if reason is not None:
+        log.info("%s keeps llama.cpp's own head: %s", source.name, reason)
+        record: dict[str, Any] = {"format": FORMAT, "usable": False, "reason": reason}
+    else:
+        vocab_size = int(head_tensor.shape[-1])
+        _write_body(reader, arch, hidden, staging / "body.gguf")
+        record = {"format": FORMAT, "usable": True, "architecture": arch, "hidden": hidden, "vocab_size": vocab_size,
+                  "head_offset": int(head_tensor.data_offset), "embed_offset": int(embed_tensor.data_offset),
+                  "embed_type": int(embed_tensor.tensor_type),
+                  "input_scale": float(np.sqrt(np.float32(hidden))) if scale == "sqrt" else float(scale),
+                  "eos_token_ids": []}  # llama.cpp's own, recorded by the check
+    _write_record(staging / "split.json", record)
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        os.replace(staging, directory)
+    except OSError:  # another process derived it first: theirs is the same
+        shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+def _write_body(reader: Any, arch: str, hidden: int, destination: Path) -> None:
+    """The GGUF without tokenizer and with an identity output: its logits are the hidden states."""
+    import gguf
+
+    writer = gguf.GGUFWriter(destination, arch)
+    for key, value in reader.fields.items():
+        if key.startswith(("GGUF.", "tokenizer.")) or key == "general.architecture":
+            continue
+        kind = value.types[0]
+        sub_type = value.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value.contents(), kind, sub_type=sub_type)
+    writer.add_tokenizer_model("none")
+    writer.add_vocab_size(hidden)  # the body's "vocabulary" is the hidden state's width
+    for tensor in reader.tensors:
+        if tensor.name in ("output.weight",):
+            continue
+        if tensor.name == "token_embd.weight":  # never read: the body is fed embeddings
+            writer.add_tensor(tensor.name, np.zeros((hidden, hidden), np.float32))
+        elif tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(tensor.name, np.array(tensor.data))
+        else:
+            writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.add_tensor("output.weight", np.eye(hidden, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _dequantized_rows(mapped: np.ndarray, offset: int, kind: int, rows: int, hidden: int,
+                      ids: np.ndarray) -> np.ndarray:
+    import gguf
+
+    quant = gguf.GGMLQuantizationType(kind)
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[quant]
+    row_bytes = hidden // block_values * block_bytes
+    table = mapped[offset : offset + rows * row_bytes].reshape(rows, row_bytes)
+    return gguf.dequantize(np.ascontiguousarray(table[ids]), quant).reshape(len(ids), hidden).astype(np.float32)
+
+

@@ -1,0 +1,156 @@
+"""The split head: llama.cpp runs the model without its output head, our Q8_0 product computes
+the logits of every verified position in one pass (models/llama_cpp_head.py, native/q8_0_head.c)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from specdec.models import llama_cpp_head, native_matmul
+
+library = native_matmul.library()
+needs_kernel = pytest.mark.skipif(library is None or not library.q8_0_head_vectorized(),
+                                  reason="the native Q8_0 head product is not built here")
+
+
+def q8_0_matrix(rows: int, hidden: int, seed: int = 0) -> np.ndarray:
+    """A random Q8_0 matrix in GGUF's layout: per 32 values, a float16 scale then 32 int8s."""
+    rng = np.random.default_rng(seed)
+    blocks = np.empty((rows, hidden // 32, 34), np.uint8)
+    scales = rng.uniform(1e-3, 2e-2, (rows, hidden // 32)).astype(np.float16)
+    blocks[:, :, :2] = scales[..., None].view(np.uint8).reshape(rows, hidden // 32, 2)
+    blocks[:, :, 2:] = rng.integers(-128, 128, (rows, hidden // 32, 32)).astype(np.int8).view(np.uint8)
+    return blocks
+
+
+def reference_head(blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """llama.cpp's arithmetic, written out: activations to Q8_0 (float16 scale, round half to
+    even), exact integer block dots, scaled by the product of the two scales."""
+    rows, nb, _ = blocks.shape
+    w_scale = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)[..., 0].astype(np.float64)
+    w = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).astype(np.int64)
+    xb = x.reshape(len(x), nb, 32).astype(np.float32)
+    amax = np.abs(xb).max(-1)
+    x_scale = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
+    inverse = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.rint(xb * inverse[..., None]).astype(np.int64)
+    dots = np.einsum("rbj,cbj->crb", w, xq)
+    return (dots * w_scale[None] * x_scale[:, None, :]).sum(-1)
+
+
+def run_head(blocks: np.ndarray, x: np.ndarray, threads: int = 2) -> tuple[int, np.ndarray]:
+    rows, nb, _ = blocks.shape
+    y = np.full((len(x), rows), np.nan, np.float32)
+    code = library.q8_0_head(blocks.ctypes.data, rows, nb * 32, x.ctypes.data, len(x), y.ctypes.data, threads)
+    return code, y
+
+
+@needs_kernel
+@pytest.mark.parametrize("positions", [1, 2, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("rows", [1, 7, 256])
+def test_q8_0_head_equals_llama_cpp_arithmetic(positions, rows):
+    blocks = q8_0_matrix(rows, 128, seed=rows)
+    x = (np.random.default_rng(positions).standard_normal((positions, 128)) * 4).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block: scale 0, no division by it
+    code, y = run_head(blocks, x)
+    assert code == 0
+    expected = reference_head(blocks, x)
+    # every row and position written, each within float32 rounding of the sums
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@needs_kernel
+def test_q8_0_head_refuses_shapes_it_does_not_take():
+    blocks = q8_0_matrix(4, 64)
+    assert run_head(blocks, np.zeros((65, 64), np.float32))[0] == -1  # more positions than it holds
+    x = np.zeros((1, 48), np.float32)
+    y = np.zeros((1, 4), np.float32)
+    assert library.q8_0_head(blocks.ctypes.data, 4, 48, x.ctypes.data, 1, y.ctypes.data, 1) == -1  # K % 32
+
+
+# ---- on the real embedded GGUF ------------------------------------------------------------
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    from specdec.models.registry import REGISTRY
+
+    return REGISTRY["gemma-3-270m"].locate()
+
+
+@pytest.fixture(scope="module")
+def split(gguf_path):
+    head = llama_cpp_head.split_head_for(gguf_path)
+    if head is None:
+        pytest.skip("no split head here (native kernel or check)")
+    return head
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_split_logits_equal_llama_cpp_own_head_at_every_verified_position(gguf_path, split):
+    from specdec.models.llama_cpp_backend import LlamaCppCausalLM
+
+    ids = torch.tensor([2, 818, 5279, 529, 7001, 563, 506, 1494, 236761, 108, 2094, 5588, 236787])
+    logits = []
+    for head in (False, split):
+        model = LlamaCppCausalLM(gguf_path, n_ctx=256, max_sequences=1, split_head=head)
+        assert model.split_head is bool(head)
+        cache = model.new_cache()
+        model.prefill(ids[:6], cache)
+        logits.append(model.forward(ids[6:], cache, 5).clone())  # a verify: logits at 5 positions
+        del model
+    own, ours = logits
+    assert own.shape == ours.shape == (5, split.vocab_size)
+    # Same arithmetic as llama.cpp's AVX2 Q8_0 kernel; other CPUs' ggml kernels sum in another order.
+    assert float((own - ours).abs().max()) <= llama_cpp_head.CHECK_TOLERANCE * float(own.abs().max())
+    assert torch.equal(own.argmax(-1), ours.argmax(-1))
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_split_check_fails_on_a_wrong_input_scale(split):
+    """The check is what lets an architecture use the split; it must see a wrong input."""
+    from dataclasses import replace
+
+    wrong = replace(split, input_scale=1.0)
+    result = llama_cpp_head.check(wrong)
+    assert not result["passed"]
+    assert llama_cpp_head.check(split)["passed"]
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_split_record_is_rederived_when_its_body_is_missing(split, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
+    first = llama_cpp_head.split_head_for(split.source)
+    assert first is not None and first.body.is_file() and str(first.body).startswith(str(tmp_path))
+    first.body.unlink()
+    second = llama_cpp_head.split_head_for(split.source)
+    assert second is not None and second.body.is_file()
+    assert second.eos_token_ids == split.eos_token_ids
+
+
+def test_split_head_can_be_turned_off(gguf_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_LLAMA_CPP_HEAD", "0")
+    assert llama_cpp_head.split_head_for(gguf_path) is None
+
+
+def test_split_is_refused_for_a_head_that_is_not_q8_0(tmp_path):
+    """A GGUF whose head is another type keeps llama.cpp's own head, and says why."""
+    import gguf
+
+    source = tmp_path / "f32-head.gguf"
+    writer = gguf.GGUFWriter(source, "llama")
+    writer.add_embedding_length(64)
+    writer.add_tensor("token_embd.weight", np.zeros((100, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    record = llama_cpp_head._derive(source, tmp_path / "derived")
+    assert record["usable"] is False and "F32" in record["reason"]
+    assert not (tmp_path / "derived" / "body.gguf").exists()
