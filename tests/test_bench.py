@@ -36,6 +36,14 @@ def test_tiny_bench_writes_report_with_every_column(tiny_model_dir, tiny_draft_d
         if row["run"].startswith("specdec"):
             assert row["identical"] == 1.0, row  # greedy speculative output == plain output
             assert row["compute_ratio"] is not None and row["mean_accepted_length"] >= 1.0
+    config = results["config"]
+    assert len(config["verify_cost_ms"]) == 9 and all(t > 0 for t in config["verify_cost_ms"])
+    for row in (r for r in results["summary"] if r["category"] == "all"):  # where the draft cost is known
+        has_ideal = row["run"].startswith(("specdec-ngram k", "specdec-model", "specdec-self"))
+        assert ("ideal_speedup" in row) == has_ideal, row["run"]
+        if has_ideal:
+            assert row["ideal_speedup"] >= 1.0 and row["of_ideal"] > 0
+    assert "Verify-cost curve" in (out / "report.md").read_text()
     for name in ("report.md", "speedup_by_category.png", "acceptance_by_position.png", "speedup_vs_k.png"):
         assert (out / name).stat().st_size > 0
     assert "| run |" in (out / "report.md").read_text()
@@ -88,3 +96,16 @@ def test_bad_workloads_are_clear_errors(tmp_path):
         bad.write_text(text)
         with pytest.raises(SpecDecError, match=message):
             load_workload(str(bad))
+
+
+def test_ideal_speedup_is_the_seed_formula():
+    from specdec.bench.ideal import ideal_speedup
+
+    flat = [10.0] * 9  # verifying costs what one step costs
+    assert ideal_speedup(0.0, flat, 0.0, 4) == 1.0  # nothing accepted: speculation off
+    assert ideal_speedup(1.0, flat, 0.0, 4) == 5.0  # all accepted: k + 1 tokens per pass
+    # alpha = 0.5, k = 2: E = 1 + 0.5 + 0.25 = 1.75 tokens; cost 12 + 2 x 1 = 14 against 10 a step
+    curve = [10.0, 11.0, 12.0, 13.0]
+    assert ideal_speedup(0.5, curve, 1.0, 2) == pytest.approx(1.75 * 10 / 14)
+    # adaptive: the best k; here k = 1 (1.5 x 10 / 12 = 1.25) beats k = 2 (1.25) and k = 3 (1.14)
+    assert ideal_speedup(0.5, curve, 1.0, None) == pytest.approx(max(1.5 * 10 / 12, 1.75 * 10 / 14, 1.875 * 10 / 16))

@@ -16,9 +16,23 @@ PROMPTS = [
 
 
 @pytest.mark.slow
-def test_default_model_greedy_equals_transformers_greedy_with_each_drafter():
+def test_default_model_runs_on_llama_cpp_with_ngram_and_the_split_head():
+    """By the benchmark, the default model's fastest CPU path (README, llama.cpp backend)."""
+    pytest.importorskip("llama_cpp")
+    from specdec.models import native_matmul
+
     engine = specdec.load(device="cpu")
-    # the default drafter on CPU: lookup, else the subset-vocabulary self-draft
+    assert type(engine.target).__name__ == "LlamaCppCausalLM" and engine.drafter_name == "ngram"
+    library = native_matmul.library()
+    assert engine.target.split_head == bool(library and library.q8_0_head_vectorized())
+    # asking for the self-draft keeps the torch backend, which has it
+    assert specdec.load(device="cpu", drafter="ngram+self").drafter_name == "ngram+self"
+
+
+@pytest.mark.slow
+def test_default_model_greedy_equals_transformers_greedy_with_each_drafter():
+    engine = specdec.load(device="cpu", backend="torch")
+    # the default drafter on CPU with torch: lookup, else the subset-vocabulary self-draft
     assert engine.drafter_name == "ngram+self" and engine.target.vocab_size == 262144
     assert engine.draft_model.output_token_ids.shape == (32768,)
     for prompt in PROMPTS:
@@ -37,7 +51,7 @@ def test_default_model_greedy_equals_transformers_greedy_with_each_drafter():
 
 @pytest.mark.slow
 def test_shipped_distilled_draft_fits_the_default_target_and_stays_exact():
-    engine = specdec.load(draft="gemma-3-270m-distilled", device="cpu")
+    engine = specdec.load(draft="gemma-3-270m-distilled", device="cpu", backend="torch")
     assert engine.drafter_name == "model" and engine.draft_model.output_token_ids.shape == (16384,)
     plain = engine.with_drafter("none")
     accepted = drafted = 0

@@ -106,3 +106,26 @@ def test_llama_cpp_python_peer_decodes_what_our_plain_loop_decodes(engine):
         if same is not None:  # only a near-tie at llama.cpp's rounding scale may differ
             top2 = plain_logits(engine, ids + ours[:same]).topk(2).values
             assert float(top2[0] - top2[1]) < 0.5, f"peer diverges at {same}, not a near-tie"
+
+
+@pytest.mark.slow
+def test_llama_cpp_forward_batch_gives_each_sequence_its_own_logits(engine):
+    """A server's batch: several sequences in one llama.cpp decode, each row's logits its own
+    (and kept: the next forward must not overwrite them)."""
+    model = engine.target
+    prompts = [engine.encode(p) for p in PROMPTS]
+    caches = [model.new_cache() for _ in prompts]
+    for ids, cache in zip(prompts, caches):
+        model.prefill(torch.tensor(ids[:-3]), cache)
+    batched = model.forward_batch([torch.tensor(ids[-3:]) for ids in prompts], caches, [3, 1, 2])
+    model.forward(torch.tensor(prompts[0][:2]), model.new_cache(), 2)  # would overwrite shared buffers
+    assert [tuple(t.shape) for t in batched] == [(3, model.vocab_size), (1, model.vocab_size), (2, model.vocab_size)]
+    for ids, cache, logits in zip(prompts, caches, batched):
+        assert model.cache_length(cache) == len(ids)
+        count = logits.shape[0]
+        for row in range(count):
+            alone = plain_logits(engine, ids[: len(ids) - count + row + 1])
+            # batch shapes differ from a single sequence's: within the kernels' rounding (see above)
+            assert float((logits[row] - alone).abs().max()) < 3.0
+            top2 = alone.topk(2).values
+            assert int(logits[row].argmax()) == int(alone.argmax()) or float(top2[0] - top2[1]) < 0.5

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 DRAFTER_HELP = ("how drafts are made: a draft model, a cheaper copy of the target (self), prompt lookup (ngram), "
                 "lookup else a model (ngram+model, ngram+self), or none (default: model with --draft, else "
-                "ngram+self on CPU with the torch backend, else ngram)")
+                "ngram+self with the torch backend on CPU, else ngram)")
 
 
 def add_model_args(p: argparse.ArgumentParser, several_drafters: bool = False) -> None:
@@ -75,8 +75,10 @@ def add_model_args(p: argparse.ArgumentParser, several_drafters: bool = False) -
                         "bfloat16; auto: int8 for a float32 target on CPU, else bfloat16")
     p.add_argument("--draft-vocab", type=int, default=32768, metavar="N",
                    help="the self-draft scores only the N most frequent tokens; 0 = all (default: 32768)")
-    p.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",
-                   help="torch (transformers, CPU/GPU) or llama.cpp (GGUF on CPU; needs llama-cpp-python)")
+    p.add_argument("--backend", choices=["auto", "torch", "llama.cpp"], default="auto",
+                   help="torch (transformers, CPU/GPU), llama.cpp (GGUF on CPU; needs llama-cpp-python), or "
+                        "auto (default): llama.cpp for a GGUF target on CPU where it is installed and no "
+                        "self-draft is asked for, else torch")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",

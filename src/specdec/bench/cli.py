@@ -47,8 +47,9 @@ def add_bench_parser(sub) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from ..api import load
+    from ..api import load, resolve_backend
     from ..models.graph_decoder import graph_decoder_for
+    from ..models.loading import resolve_device
     from ..models.self_draft import self_draft_for
     from .report import terminal_table, write_report
     from .runner import BASELINE, run_benchmark, summarize
@@ -60,8 +61,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise SpecDecError("--repeats and --max-new-tokens must be >= 1")
     prompts = load_workload(args.workload, args.limit)
     drafters = _parse_drafters(args.drafter, args.draft)
+    backend = resolve_backend(args.backend, args.target, resolve_device(args.device),
+                              "self" if any("self" in d for d in drafters) else None)
     engine = load(target=args.target, draft=args.draft, drafter="model" if args.draft else "ngram",
-                  device=args.device, dtype=args.dtype, backend=args.backend, cuda_graphs=args.cuda_graphs,
+                  device=args.device, dtype=args.dtype, backend=backend, cuda_graphs=args.cuda_graphs,
                   compact_target=args.compact_target)
     self_draft = None
     if any("self" in d for d in drafters):
@@ -78,7 +81,7 @@ def _bench(args: argparse.Namespace) -> int:
         for k in ks:
             suffix = "" if len(ks) == 1 else f" k={'adaptive' if k is None else k}"
             runs.append(SpecdecRun(f"specdec-{drafter}{suffix}", variant, k))
-    if not args.no_peers and args.backend == "torch":  # the transformers peers need the torch model
+    if not args.no_peers and backend == "torch":  # the transformers peers need the torch model
         runs.append(HFGenerateRun("hf-plain", engine))
         if "ngram" in drafters:
             lookup = ks[0] if len(ks) == 1 and ks[0] else HF_PROMPT_LOOKUP_TOKENS
@@ -86,7 +89,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.draft and isinstance(getattr(engine.draft_model, "model", None), nn.Module):
             # a distilled draft shares the target's embedding: it is no standalone assistant model
             runs.append(HFGenerateRun("hf-assisted", engine, assistant=True))
-    if not args.no_peers and args.backend == "llama.cpp":  # the engine a CPU user would otherwise pick
+    if not args.no_peers and backend == "llama.cpp":  # the engine a CPU user would otherwise pick
         gguf, eos = engine.target.path, engine.target.eos_token_ids
         runs.append(LlamaCppPythonRun("llama-cpp-python-plain", gguf, eos))
         if "ngram" in drafters:
@@ -104,6 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
     }
     results = run_benchmark(engine, runs, prompts, args.max_new_tokens, args.repeats, args.temperature, args.seed,
                             config, progress=not args.quiet)
+    config.update(_measured_costs(engine, runs, prompts[0]))
     paths = write_report(results, out_dir)
     print(terminal_table(summarize(results)))
     print(f"\nreport: {paths['markdown']}\nresults: {paths['json']}", file=sys.stderr)
@@ -111,6 +115,31 @@ def _bench(args: argparse.Namespace) -> int:
     if mismatched:
         print(f"warning: {len(mismatched)} speculative greedy outputs differed from plain decoding", file=sys.stderr)
     return 0
+
+
+def _measured_costs(engine, runs, prompt) -> dict:
+    """The verify-cost curve and each speculative run's draft cost, for the ideal speedup (ideal.py).
+    A hybrid drafter's cost per token depends on which part drafted it: its ideal is left out."""
+    from .ideal import pass_costs
+    from .runner import _encode
+
+    context = _encode(engine, prompt)
+    verify = pass_costs(engine.target, context)
+    model_costs: dict[int, float] = {}
+    draft_ms, draft_lengths = {}, {}
+    for run in runs:
+        if run.kind != "specdec":
+            continue
+        drafter, draft_model = run.engine.drafter_name, run.engine.draft_model
+        if drafter == "ngram":
+            draft_ms[run.name] = 0.0
+        elif drafter in ("model", "self") and draft_model is not None:
+            if id(draft_model) not in model_costs:
+                model_costs[id(draft_model)] = pass_costs(draft_model, context, max_positions=1)[0]
+            draft_ms[run.name] = round(model_costs[id(draft_model)] * 1000, 3)
+        draft_lengths[run.name] = run.num_draft_tokens
+    return {"verify_cost_ms": [round(t * 1000, 3) for t in verify], "draft_cost_ms": draft_ms,
+            "draft_lengths": draft_lengths}
 
 
 def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:

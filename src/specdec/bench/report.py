@@ -17,6 +17,8 @@ COLUMNS = [
     ("acceptance_rate", "accept", "{:.0%}"),
     ("mean_accepted_length", "mean acc len", "{:.2f}"),
     ("target_passes_per_token", "passes/tok", "{:.2f}"),
+    ("ideal_speedup", "ideal", "{:.2f}x"),
+    ("of_ideal", "of ideal", "{:.0%}"),
     ("compute_ratio", "compute", "{:.0%}"),
     ("peak_memory_mb", "peak MB", "{:.0f}"),
     ("identical", "identical", "{:.0%}"),
@@ -78,6 +80,16 @@ def _markdown(results: BenchResults, rows: list[dict[str, Any]], paths: dict[str
         markdown_table(rows),
         "",
     ]
+    if config.get("verify_cost_ms"):
+        curve = ", ".join(f"{n}: {t:.1f}" for n, t in enumerate(config["verify_cost_ms"], 1))
+        drafts = ", ".join(f"{run}: {t:.2f} ms" for run, t in config.get("draft_cost_ms", {}).items()) or "-"
+        lines += [
+            f"Verify-cost curve on this backend, ms for a pass with logits at n positions: {curve}. "
+            f"Draft cost per token: {drafts}. `ideal` is the seed's S(alpha, k) = E[tokens per pass] x T(1) / "
+            "(T(k+1) + k x t_draft) at the run's measured acceptance, with acceptance independent per position "
+            "and the best k for adaptive runs (bench/ideal.py); the n-gram drafter's bursty acceptance can beat it.",
+            "",
+        ]
     for name in ("speedup", "acceptance_by_position", "speedup_vs_k"):
         if name in paths:
             lines += [f"![{name}]({paths[name].name})", ""]

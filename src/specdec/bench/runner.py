@@ -8,6 +8,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..engine import Engine
+from .ideal import ideal_speedup
 from .runs import BenchRun, RunResult
 from .workloads import WorkloadPrompt
 
@@ -132,12 +133,21 @@ def _summary_row(results: BenchResults, run: str, category: str) -> dict[str, An
             target_passes_per_token=passes / generated if generated else None,
             per_position_acceptance=_per_position(stats),
         )
+        row.update(_ideal(results.config, run, row["acceptance_rate"], row["speedup"]))
     flops, base_flops = [m.compute_flops for m in mine], [m.compute_flops for m in base]
     if all(f is not None for f in flops) and base_flops and all(f is not None for f in base_flops):
         base_tokens = sum(m.tokens for m in base)
         known = tokens and base_tokens and sum(base_flops)
         row["compute_ratio"] = (sum(flops) / tokens) / (sum(base_flops) / base_tokens) if known else None
     return row
+
+
+def _ideal(config: dict[str, Any], run: str, acceptance: float | None, speedup: float) -> dict[str, float]:
+    verify, draft_ms = config.get("verify_cost_ms"), config.get("draft_cost_ms", {})
+    if not verify or acceptance is None or run not in draft_ms:
+        return {}
+    ideal = ideal_speedup(acceptance, verify, draft_ms[run], config.get("draft_lengths", {}).get(run))
+    return {"ideal_speedup": ideal, "of_ideal": speedup / ideal}
 
 
 def _per_position(stats: list[dict[str, Any]]) -> list[float]:

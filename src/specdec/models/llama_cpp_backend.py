@@ -56,7 +56,7 @@ class SequenceSlot:
 
 
 class LlamaCppCausalLM:
-    def __init__(self, path: str | Path, name: str | None = None, n_ctx: int = 8192, max_sequences: int = 8,
+    def __init__(self, path: str | Path, name: str | None = None, n_ctx: int = 8192, max_sequences: int = 32,
                  n_threads: int | None = None, n_batch: int = 512, split_head: SplitHead | bool | None = None) -> None:
         """split_head: None uses the checked split where there is one, False never, a SplitHead this one."""
         import llama_cpp
@@ -108,6 +108,7 @@ class LlamaCppCausalLM:
             self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
             eos = {int(llama_cpp.llama_vocab_eos(vocab)), int(llama_cpp.llama_vocab_eot(vocab))}
             self.eos_token_ids = frozenset(t for t in eos if t >= 0)
+        self.max_sequences = max_sequences  # sequences in flight at once (they share n_ctx cells)
         self._free = list(range(max_sequences))
         self._lock = threading.Lock()
 
@@ -158,30 +159,64 @@ class LlamaCppCausalLM:
             self.prefill(token_ids[: len(ids) - num_logits], cache)
             ids = ids[len(ids) - num_logits :]
         self._decode(ids, cache, num_logits)
+        return self._output_logits(num_logits, fresh=False)
+
+    def forward_batch(self, token_ids: list[torch.Tensor], caches: list[SequenceSlot],
+                      num_logits: list[int]) -> list[torch.Tensor]:
+        """Every sequence's new tokens in one llama.cpp decode (its batches take several
+        sequences), and the head once over all their rows: logits [num_logits_i, vocab] each,
+        in tensors of their own (a server's batch holds them past the next forward)."""
+        segments = [(t.tolist(), c, m) for t, c, m in zip(token_ids, caches, num_logits)]
+        out: list[torch.Tensor] = []
+        group: list[tuple[list[int], SequenceSlot, int]] = []
+        for segment in segments + [None]:  # groups that fit one llama.cpp batch
+            if segment is not None and (not group or sum(len(g[0]) for g in group) + len(segment[0]) <= self._n_batch):
+                group.append(segment)
+                continue
+            if len(group) == 1 and len(group[0][0]) > self._n_batch:
+                ids, cache, count = group[0]
+                out.append(self.forward(torch.tensor(ids), cache, count).clone())
+            elif group:
+                self._decode_segments(group)
+                rows = self._output_logits(sum(g[2] for g in group), fresh=True)
+                out.extend(rows.split([g[2] for g in group]))
+            group = [segment] if segment is not None else []
+        return out
+
+    def _output_logits(self, count: int, fresh: bool) -> torch.Tensor:
         pointer = self._lib.llama_get_logits(self._ctx.ctx)
         width = self._head.hidden if self._head else self.vocab_size
-        rows = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(num_logits, width))
+        rows = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(count, width))
         if not self._head:
-            return torch.from_numpy(rows)
-        if self._logits.shape[0] < num_logits:
-            self._logits = torch.empty(num_logits, self.vocab_size)
+            return torch.from_numpy(rows.copy() if fresh else rows)
+        if fresh:
+            return self._head.logits(rows, self._threads)
+        if self._logits.shape[0] < count:
+            self._logits = torch.empty(count, self.vocab_size)
         return self._head.logits(rows, self._threads, out=self._logits)
 
     def _decode(self, ids: list[int], cache: SequenceSlot, num_logits: int) -> None:
-        if not ids:
-            return
+        if ids:
+            self._decode_segments([(ids, cache, num_logits)])
+
+    def _decode_segments(self, segments: list[tuple[list[int], SequenceSlot, int]]) -> None:
+        """One llama.cpp decode of several sequences' tokens; logits at each one's last num_logits."""
         batch = self._batch.batch
-        first_logit = len(ids) - num_logits
-        batch.n_tokens = len(ids)
+        batch.n_tokens = sum(len(ids) for ids, _, _ in segments)
         if self._head:
-            self._embeddings[: len(ids)] = self._head.embed(ids)
-        for i, token in enumerate(ids):
-            if not self._head:
-                batch.token[i] = token
-            batch.pos[i] = cache.length + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = cache.seq_id
-            batch.logits[i] = i >= first_logit
+            self._embeddings[: batch.n_tokens] = self._head.embed([t for ids, _, _ in segments for t in ids])
+        i = 0
+        for ids, cache, num_logits in segments:
+            first_logit = len(ids) - num_logits
+            for j, token in enumerate(ids):
+                if not self._head:
+                    batch.token[i] = token
+                batch.pos[i] = cache.length + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = cache.seq_id
+                batch.logits[i] = j >= first_logit
+                i += 1
         self._ctx.decode(self._batch)
-        cache.length += len(ids)
+        for ids, cache, _ in segments:
+            cache.length += len(ids)
 

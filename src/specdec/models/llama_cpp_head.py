@@ -46,6 +46,7 @@ _INPUT_SCALE = {"gemma": "sqrt", "gemma2": "sqrt", "gemma3": "sqrt", "llama": 1.
                 "qwen3": 1.0, "phi3": 1.0}
 # The check's bar: logits within this fraction of their largest magnitude, and the same argmax.
 CHECK_TOLERANCE = 1e-4
+MAX_POSITIONS = 64  # rows per call of the native product (native/q8_0_head.c)
 
 
 @dataclass
@@ -91,10 +92,13 @@ class SplitHead:
             return torch.empty(0, self.vocab_size)
         if out is None or out.shape[0] < n:
             out = torch.empty(n, self.vocab_size, dtype=torch.float32)
-        result = self._library.q8_0_head(self._head.ctypes.data, self.vocab_size, self.hidden,
-                                         hidden.ctypes.data, n, out.data_ptr(), threads)
-        if result != 0:
-            raise RuntimeError(f"the Q8_0 head product refused {n} positions of {self.hidden} (code {result})")
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        for start in range(0, n, MAX_POSITIONS):  # a batch of sequences can bring more rows
+            rows = min(MAX_POSITIONS, n - start)
+            result = self._library.q8_0_head(self._head.ctypes.data, self.vocab_size, self.hidden,
+                                             hidden[start:].ctypes.data, rows, out[start].data_ptr(), threads)
+            if result != 0:
+                raise RuntimeError(f"the Q8_0 head product refused {rows} positions of {self.hidden} (code {result})")
         return out[:n]
 
 

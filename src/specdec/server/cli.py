@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..errors import SpecDecError
+
 
 def add_serve_parser(sub) -> None:
     from ..cli import add_model_args
@@ -30,6 +32,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import ServerConfig, create_app
 
     engine = load_engine(args)
+    slots = getattr(engine.target, "max_sequences", None)
+    if slots is not None and args.max_concurrency > slots:
+        raise SpecDecError(f"--max-concurrency {args.max_concurrency} exceeds the {slots} sequences this backend "
+                           "holds at once; lower it, or use --backend torch")
     name = args.served_model_name or _model_id(engine.target.name)
     config = ServerConfig(model_name=name, max_running=args.max_concurrency, max_waiting=args.max_queue,
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes)
