@@ -64,6 +64,7 @@ class SplitHead:
     eos_token_ids: tuple[int, ...]
     _mapped: np.ndarray = field(init=False, repr=False)
     _head: np.ndarray = field(init=False, repr=False)
+    _library: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._mapped = np.memmap(self.source, dtype=np.uint8, mode="r")
@@ -93,12 +94,12 @@ class SplitHead:
         if out is None or out.shape[0] < n:
             out = torch.empty(n, self.vocab_size, dtype=torch.float32)
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-        for start in range(0, n, MAX_POSITIONS):  # a batch of sequences can bring more rows
-            rows = min(MAX_POSITIONS, n - start)
+        for start in range(0, n, MAX_POSITIONS):  # a batch of sequences can bring more positions
+            count = min(MAX_POSITIONS, n - start)
             result = self._library.q8_0_head(self._head.ctypes.data, self.vocab_size, self.hidden,
-                                             hidden[start:].ctypes.data, rows, out[start].data_ptr(), threads)
+                                             hidden[start:].ctypes.data, count, out[start].data_ptr(), threads)
             if result != 0:
-                raise RuntimeError(f"the Q8_0 head product refused {rows} positions of {self.hidden} (code {result})")
+                raise RuntimeError(f"the Q8_0 head product refused {count} positions of {self.hidden} (code {result})")
         return out[:n]
 
 
