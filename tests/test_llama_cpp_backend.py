@@ -129,3 +129,40 @@ def test_llama_cpp_forward_batch_gives_each_sequence_its_own_logits(engine):
             assert float((logits[row] - alone).abs().max()) < 3.0
             top2 = alone.topk(2).values
             assert int(logits[row].argmax()) == int(alone.argmax()) or float(top2[0] - top2[1]) < 0.5
+
+
+@pytest.mark.slow
+def test_llama_cpp_speculative_sampling_follows_its_plain_law(engine):
+    """Sampling on the default backend (the split head's logits, n-gram drafts, the rejection
+    rule): the first two tokens' joint law, enumerated from the backend's own plain passes."""
+    from specdec.logits import to_probs
+
+    from stats_util import chi2_critical, chi2_statistic
+
+    prompt = engine.encode("one two three one two three one two three one two three one two")
+    # hot enough that the drafted continuation is likely, not certain (greedy: p = 0.91), so
+    # that the rejection rule decides often
+    params = SamplingParams(max_new_tokens=2, temperature=2.5, top_k=4, num_draft_tokens=2)
+
+    def probs(ids):
+        return to_probs(plain_logits(engine, ids).view(1, -1), params)[0].double()
+
+    first = probs(prompt)
+    support = torch.nonzero(first).flatten().tolist()
+    law = {}
+    for a in support:
+        second = probs(prompt + [a])
+        for b in torch.nonzero(second).flatten().tolist():
+            law[(a, b)] = float(first[a] * second[b])
+    cells = sorted(law)
+    counts = torch.zeros(len(cells) + 1)  # the last cell: outside the law's support (must stay 0)
+    drafted = accepted = 0
+    for seed in range(600):
+        out = engine.generate(prompt, max_new_tokens=2, temperature=2.5, top_k=4, seed=seed, num_draft_tokens=2)
+        pair = tuple(out.token_ids)
+        counts[cells.index(pair) if pair in law else -1] += 1
+        drafted, accepted = drafted + out.stats.drafted_tokens, accepted + out.stats.accepted_tokens
+    assert counts[-1] == 0
+    assert drafted > 300 and 0.2 * drafted < accepted < 0.9 * drafted  # drafts made, both rules applied
+    stat, df = chi2_statistic(counts[:-1], torch.tensor([law[c] for c in cells]))
+    assert stat < chi2_critical(df, 1e-3), f"chi2 {stat:.1f} on {df} df"
