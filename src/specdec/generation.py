@@ -75,6 +75,7 @@ class Generation:
         self.policy = DraftLengthPolicy(fixed=params.num_draft_tokens,
                                         timing_free_draft_cost=relative_draft_cost if reproducible else None,
                                         costs=costs)
+        self._drafted_before = False  # the draft model's first proposal reads the whole prompt
         self.max_length = min(len(prompt_ids) + params.max_new_tokens, target.max_context)
         self.tokens = torch.empty(self.max_length, dtype=torch.long)  # prompt + output, preallocated
         self.tokens[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
@@ -199,10 +200,14 @@ class Generation:
         num_drafted = proposal.tokens.shape[0]
         if self.drafter is not None and num_drafted:
             self.drafter.observe(verdict.num_accepted)
-        # A draft model's first proposal also reads the whole prompt: not a per-token cost.
+        # A draft model catching up (on the prompt, or on the tokens of steps without a draft)
+        # reads many positions: not a per-token cost. After the prompt it is what resuming
+        # (a probe) costs, which the policy weighs.
         catching_up = proposal.positions > 2 * max(num_drafted, 1)
+        resuming = catching_up and num_drafted > 0 and self._drafted_before
         self.policy.observe(num_drafted, verdict.num_accepted, verify_s=verify_s,
-                            draft_s=None if catching_up else draft_s)
+                            draft_s=None if catching_up else draft_s, resume_s=draft_s if resuming else None)
+        self._drafted_before = self._drafted_before or bool(num_drafted)
         self.stats.record_step(num_drafted, verdict.num_accepted, proposal.forward_passes, proposal.positions)
 
     def _emit(self, proposal: DraftProposal, verdict: Verdict) -> StepOutput:
