@@ -1,6 +1,7 @@
 """`transformers` backend: any Hugging Face causal LM, CPU or GPU."""
 from __future__ import annotations
 
+import inspect
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -41,6 +42,9 @@ class HFCausalLM:
         # The decoder body without the output head: prefill needs no logits, and the head is
         # the costliest layer of small large-vocabulary models (Gemma 3: 262k x 640).
         self._body = getattr(model, model.base_model_prefix, None)
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns,
+        # and goes in 5.40): pass the cache by the name this version takes.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if self.device.type == "cpu":
             set_few_row_matmul(model, True)
 
@@ -57,19 +61,15 @@ class HFCausalLM:
         for start in range(0, token_ids.shape[0], PREFILL_CHUNK):
             chunk = token_ids[start : start + PREFILL_CHUNK].to(self.device)[None]
             if self._body is not None:
-                self._body(input_ids=chunk, past_key_values=cache, use_cache=True)
+                self._body(input_ids=chunk, use_cache=True, **{self._cache_arg: cache})
             else:
-                self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                self.model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
             cache.crop(0)  # let sliding layers drop what falls out of the window
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, cache: DynamicCache, num_logits: int) -> torch.Tensor:
-        out = self.model(
-            input_ids=token_ids.to(self.device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=num_logits,
-        )
+        out = self.model(input_ids=token_ids.to(self.device)[None], use_cache=True, logits_to_keep=num_logits,
+                         **{self._cache_arg: cache})
         return out.logits[0, -num_logits:].float()  # [num_logits, vocab]
 
     def cache_length(self, cache: DynamicCache) -> int:
