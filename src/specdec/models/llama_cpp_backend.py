@@ -166,21 +166,24 @@ class LlamaCppCausalLM:
         """Every sequence's new tokens in one llama.cpp decode (its batches take several
         sequences), and the head once over all their rows: logits [num_logits_i, vocab] each,
         in tensors of their own (a server's batch holds them past the next forward)."""
-        segments = [(t.tolist(), c, m) for t, c, m in zip(token_ids, caches, num_logits)]
+        groups: list[list[tuple[list[int], SequenceSlot, int]]] = [[]]
+        size = 0  # tokens in the last group: a group is what one llama.cpp batch holds
+        for ids, cache, count in zip(token_ids, caches, num_logits):
+            ids = ids.tolist()
+            if groups[-1] and size + len(ids) > self._n_batch:
+                groups.append([])
+                size = 0
+            groups[-1].append((ids, cache, count))
+            size += len(ids)
         out: list[torch.Tensor] = []
-        group: list[tuple[list[int], SequenceSlot, int]] = []
-        for segment in segments + [None]:  # groups that fit one llama.cpp batch
-            if segment is not None and (not group or sum(len(g[0]) for g in group) + len(segment[0]) <= self._n_batch):
-                group.append(segment)
-                continue
-            if len(group) == 1 and len(group[0][0]) > self._n_batch:
+        for group in groups:
+            if len(group) == 1 and len(group[0][0]) > self._n_batch:  # longer than a batch: its own passes
                 ids, cache, count = group[0]
                 out.append(self.forward(torch.tensor(ids), cache, count).clone())
             elif group:
                 self._decode_segments(group)
-                rows = self._output_logits(sum(g[2] for g in group), fresh=True)
-                out.extend(rows.split([g[2] for g in group]))
-            group = [segment] if segment is not None else []
+                rows = self._output_logits(sum(count for _, _, count in group), fresh=True)
+                out.extend(rows.split([count for _, _, count in group]))
         return out
 
     def _output_logits(self, count: int, fresh: bool) -> torch.Tensor:

@@ -64,21 +64,23 @@ class SplitHead:
     eos_token_ids: tuple[int, ...]
     _mapped: np.ndarray = field(init=False, repr=False)
     _head: np.ndarray = field(init=False, repr=False)
+    _embed_blocks: np.ndarray | None = field(init=False, repr=False, default=None)  # Q8_0: [vocab, blocks, 34]
     _library: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._mapped = np.memmap(self.source, dtype=np.uint8, mode="r")
         row_bytes = self.hidden // BLOCK_VALUES * BLOCK_BYTES
         self._head = self._mapped[self.head_offset : self.head_offset + self.vocab_size * row_bytes]
+        if self.embed_type == Q8_0:
+            table = self._mapped[self.embed_offset : self.embed_offset + self.vocab_size * row_bytes]
+            self._embed_blocks = table.reshape(self.vocab_size, -1, BLOCK_BYTES)
         self._library = native_matmul.library()
 
     def embed(self, token_ids: list[int]) -> np.ndarray:
         """Input embeddings [n, hidden], float32, as llama.cpp's own lookup and input scale give them."""
         ids = np.asarray(token_ids, dtype=np.int64)
         if self.embed_type == Q8_0:
-            row_bytes = self.hidden // BLOCK_VALUES * BLOCK_BYTES
-            table = self._mapped[self.embed_offset : self.embed_offset + self.vocab_size * row_bytes]
-            blocks = table.reshape(self.vocab_size, -1, BLOCK_BYTES)[ids]
+            blocks = self._embed_blocks[ids]
             scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float32)
             values = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).astype(np.float32)
             rows = (values * scales).reshape(len(ids), self.hidden)
