@@ -11,10 +11,13 @@ Usage (device tool): PYTHONPATH=src python3 scripts/gpu_serving.py [--quick]; wr
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_bench import llama  # noqa: E402
+from gpu_bench import llama, sync_time  # noqa: E402
 from specdec import Engine, SamplingParams  # noqa: E402
 from specdec.batching import BatchStepper  # noqa: E402
 from specdec.bench.serving import serve  # noqa: E402
@@ -40,6 +43,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--concurrency", default="1,2,4,8,16,32")
     parser.add_argument("--alpha", type=float, default=0.8)
+    parser.add_argument("--k", type=int, default=None, help="fix the speculative runs' draft length (default: the planner's)")
+    parser.add_argument("--profile", action="store_true", help="print where the host's time goes in each measured run")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     vocab, prompt_len, new_tokens = 128256, 256, (32 if args.quick else 128)
@@ -48,6 +53,18 @@ def main() -> None:
                                           eos_token_ids=set()), 1024)
     draft = graph_decoder_for(HFCausalLM(llama("1b", vocab, 1, layers=layers, decisive=True), "1b",
                                          eos_token_ids=set()), 1024)
+    loads = [int(x) for x in args.concurrency.split(",")]
+    began = time.perf_counter()
+    for model in (target, draft):  # as `specdec serve --max-concurrency` does: batched steps run as graphs
+        model.reserve_sequences(max(loads))
+    reserve_s = time.perf_counter() - began
+    print(f"reserved {max(loads)} sequences (pools, batched graphs) in {reserve_s:.1f} s", flush=True)
+    if args.profile:  # what each batched graph costs the device alone
+        for name, model in (("8b", target), ("1b", draft)):
+            for (size, width), step in sorted(model._batch_steps.items()):
+                if size in (2, 8, 32) and width in (1, 2, 4, 8):
+                    seconds = sync_time(lambda: [step.run() for _ in range(20)])[0] / 20
+                    print(f"{name} batched graph {size} x {width}: {seconds * 1e3:.2f} ms", flush=True)
     torch.manual_seed(0)
     distinct = [torch.randint(2, vocab, (prompt_len,)).tolist() for _ in range(8)]
     references = []
@@ -56,10 +73,10 @@ def main() -> None:
         references.append(p + out.token_ids)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "alpha": args.alpha,
               "new_tokens": new_tokens, "prompt_tokens": prompt_len,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "reserve_s": reserve_s, "rows": []}
     steppers = {"plain": BatchStepper(target), "speculative": BatchStepper(target)}
     engine = Engine(target, drafter="none")
-    for c in [int(x) for x in args.concurrency.split(",")]:
+    for c in loads:
         n = max(8, 2 * c)
         prompts = [distinct[i % 8] for i in range(n)]
         drafters = {"plain": lambda i: None,
@@ -67,12 +84,25 @@ def main() -> None:
                                                               vocab, seed=i)}
 
         def run(name, batch, tokens):
-            start = lambda i, ids, params: Generation(target, drafters[name](i), ids, params, None)  # noqa: E731
+            def start(i, ids, params):
+                if name != "plain" and args.k is not None:
+                    params = replace(params, num_draft_tokens=args.k)
+                return Generation(target, drafters[name](i), ids, params, None)
             return serve(engine, batch, tokens, c, stepper=steppers[name], start=start)
+
+        def measured(name):
+            if not args.profile:
+                return run(name, prompts, new_tokens)
+            profile = cProfile.Profile()
+            result = profile.runcall(run, name, prompts, new_tokens)
+            print(f"--- c={c} {name}: host time by function")
+            pstats.Stats(profile).sort_stats("tottime").print_stats(14)
+            pstats.Stats(profile).sort_stats("cumtime").print_stats(30)
+            return result
 
         for name in drafters:  # warm-up at this load: the planner learns this batch's verify costs
             run(name, prompts[: max(c, 2)], 16)
-        results = {name: run(name, prompts, new_tokens) for name in drafters}
+        results = {name: measured(name) for name in drafters}
         plain, spec = results["plain"], results["speculative"]
         row = {"concurrency": c, "requests": n, "plain": plain[0].to_dict(), "speculative": spec[0].to_dict(),
                "ratio": spec[0].tokens_per_s / plain[0].tokens_per_s, "identical": spec[1] == plain[1]}

@@ -241,3 +241,43 @@ def test_planner_probes_less_often_the_longer_a_sequence_stays_off():
     probes = [i for i in range(1, 201) if planner.plan(policies, [50, 50])[0]]
     assert probes[:4] == [8, 24, 56, 120]  # after 8, 16, 32, then 64 steps off
     assert len(probes) == 5
+
+
+def _model_drafting(acceptance: float, n: int, draft_s_per_token: float) -> list[DraftLengthPolicy]:
+    """Policies whose drafts came from a draft model at this cost per token (as a lone probe sees it)."""
+    policies = _policies(acceptance, n)
+    for policy in policies:
+        policy.observe(1, 1, draft_s=draft_s_per_token)
+    return policies
+
+
+def test_planner_starts_shared_draft_rounds_that_pay_for_the_whole_batch():
+    # A GPU at batch 8: verifying 8 or 48 rows costs about the same (5.9 ms vs 6.7), and a
+    # draft round costs 1.3 ms whether 1 or 8 sequences draft in it. Charged per token, a lone
+    # probe's draft costs 1.3 ms a token, and position-by-position planning drafts nothing.
+    planner = BatchDraftPlanner()
+    for rows, seconds in ((8, 0.0059), (16, 0.0060), (32, 0.0065), (48, 0.0067)):
+        planner.observe(rows, seconds)
+    policies = _model_drafting(0.8, 8, draft_s_per_token=0.0013)
+    assert planner.plan(policies, [50] * 8) == [0] * 8  # per-token costs only: the trap
+    for sequences in (1, 8):
+        planner.observe_draft(sequences, rounds=3, seconds=3 * 0.0013)
+    ks = planner.plan(policies, [50] * 8)
+    assert len(set(ks)) == 1 and 2 <= ks[0] <= 6, ks  # every sequence drafts, in shared rounds
+    # the same rounds at five times the cost no longer pay: back to plain steps
+    dear = BatchDraftPlanner()
+    for rows, seconds in ((8, 0.0059), (16, 0.0060), (32, 0.0065), (48, 0.0067)):
+        dear.observe(rows, seconds)
+    for sequences in (1, 8):
+        dear.observe_draft(sequences, rounds=3, seconds=3 * 0.0065)
+    assert sum(dear.plan(policies, [50] * 8)) <= 1  # a probe at most
+
+
+def test_planner_round_costs_count_only_the_sequences_still_drafting():
+    planner = BatchDraftPlanner()
+    planner.observe(8, 0.006)
+    planner.observe_draft(1, rounds=1, seconds=0.001)
+    planner.observe_draft(4, rounds=1, seconds=0.002)
+    policies = _model_drafting(0.8, 4, draft_s_per_token=0.001)
+    # rounds 1-2 feed 4 sequences, round 3 feeds 1
+    assert planner.plan_cost(policies, [2, 2, 3, 2]) == pytest.approx(planner.verify_cost(13) + 2 * 0.002 + 0.001)

@@ -209,3 +209,60 @@ def test_graph_path_is_chosen_only_where_it_applies():
     assert graph_decoder_for(cpu_model) is cpu_model  # CPU keeps its own fast path
     if DEVICE == "cuda":
         assert isinstance(graph_decoder_for(HFCausalLM(tiny.llama(0, dtype=torch.float32).cuda(), "t")), GraphDecoder)
+
+
+def _fused_pair(capacity: int = 128, sequences: int = 3) -> tuple[GraphDecoder, GraphDecoder]:
+    """The same model twice over the fused kernels: one steps sequences alone, one batches them
+    through its pool."""
+    model = tiny.llama(0, dtype=torch.float32).to(DEVICE)
+    alone = GraphDecoder(model, "alone", torch.float32, set(), tiny.VOCAB, capacity, kernels=True)
+    batched = GraphDecoder(model, "batched", torch.float32, set(), tiny.VOCAB, capacity, kernels=True)
+    batched.reserve_sequences(sequences)
+    return alone, batched
+
+
+@pytest.mark.skipif(not gpu_kernels.available(), reason="needs Triton")
+def test_a_pooled_batch_with_ragged_feeds_and_rewinds_gives_each_sequence_its_own_logits():
+    alone, batched = _fused_pair()
+    ids = torch.randint(3, tiny.VOCAB, (3, 40), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    prompts = (5, 17, 9)  # different lengths: each sequence its own positions
+    mine, theirs = [alone.new_cache() for _ in prompts], [batched.new_cache() for _ in prompts]
+    assert all(c.slot.index is not None for c in theirs)
+    for i, n in enumerate(prompts):
+        alone.prefill(ids[i, :n], mine[i])
+        batched.prefill(ids[i, :n], theirs[i])
+    # ragged feeds (3 sequences pad to a batch of 4: the spare slot), then rewinds of each
+    for feeds, keep in (((1, 4, 2), (1, 2, 0)), ((3, 1, 5), (3, 0, 5)), ((2, 2, 1), (1, 2, 1))):
+        at = [c.length for c in mine]
+        expected = [alone.forward(ids[i, a : a + n], c, n) for i, (a, n, c) in enumerate(zip(at, feeds, mine))]
+        got = batched.forward_batch([ids[i, a : a + n] for i, (a, n) in enumerate(zip(at, feeds))], theirs, list(feeds))
+        for e, g in zip(expected, got):
+            assert g.shape == e.shape and float((e - g).abs().max()) < 1e-4
+        for model, caches in ((alone, mine), (batched, theirs)):
+            for c, a, k in zip(caches, at, keep):
+                model.rewind(c, a + k)
+    assert [c.length for c in theirs] == [c.length for c in mine]
+    assert {(4, 4), (4, 5), (4, 2)} <= set(batched._batch_steps)  # the batched path ran, padded to 4
+
+
+@pytest.mark.skipif(not gpu_kernels.available(), reason="needs Triton")
+def test_pooled_sequences_joining_and_leaving_a_batch_keep_their_own_greedy_tokens():
+    from specdec.batching import BatchStepper
+
+    alone, batched = _fused_pair(sequences=2)  # the third request gets a slot of its own: eager batches
+    plain = [Engine(alone, drafter="ngram").start(p, SamplingParams(max_new_tokens=n, num_draft_tokens=k)).run().token_ids
+             for p, n, k in zip(PROMPTS[:4], (12, 6, 10, 8), (3, None, 2, 0))]
+    engine = Engine(batched, drafter="ngram")
+    waiting = [(p, SamplingParams(max_new_tokens=n, num_draft_tokens=k))
+               for p, n, k in zip(PROMPTS[:4], (12, 6, 10, 8), (3, None, 2, 0))]
+    stepper, running, finished = BatchStepper(batched), [], {}
+    while waiting or running:
+        if waiting and len(running) < 3:  # one joins per step, while others run
+            running.append(engine.start(*waiting.pop(0)))
+        assert not any(isinstance(r, BaseException) for r in stepper.step(running))
+        for g in [g for g in running if g.finished]:
+            finished[id(g)] = g
+            running.remove(g)
+    outputs = sorted((g.output().token_ids for g in finished.values()), key=len)
+    assert outputs == sorted(plain, key=len)
+    assert batched._batch_steps

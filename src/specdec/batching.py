@@ -65,6 +65,7 @@ class BatchStepper:
         for i, s in enumerate(steps):  # up to each one's first pass: new arrivals prefill the target here
             self._resume(i, s, None, waiting, results)
         started = time.perf_counter()
+        rounds = fed_sequences = widest = 0
         while waiting:
             by_model: dict[int, list[int]] = {}
             for i, feed in waiting.items():
@@ -73,10 +74,16 @@ class BatchStepper:
                 feeds = [waiting.pop(i) for i in group]
                 for i, feed in zip(group, feeds):
                     fed[i] += feed.token_ids.shape[0]
+                    widest = max(widest, feed.token_ids.shape[0])
                 logits = self._feed(feeds)
+                rounds, fed_sequences = rounds + 1, fed_sequences + len(feeds)
                 for i, answer in zip(group, logits):
                     self._resume(i, steps[i], answer, waiting, results)
         total, elapsed = sum(fed), time.perf_counter() - started
+        # What rounds cost, from steps without a catch-up: a draft resuming after steps off
+        # first reads every token since (a prompt, for a new request), which is no round's cost.
+        if rounds and widest <= self.planner.maximum + 1:
+            self.planner.observe_draft(fed_sequences / rounds, rounds, elapsed)
         return [replace(r, draft_s=elapsed * fed[i] / total) if isinstance(r, DraftedStep) and total else r
                 for i, r in enumerate(results)]
 

@@ -179,7 +179,16 @@ class BatchDraftPlanner:
 
     T_verify(rows) is measured per row count and interpolated; outside what was measured
     it is extended at the measured slope (flat until two counts are known, which makes
-    the planner try a longer pass once and learn its cost). Sequences whose k is fixed
+    the planner try a longer pass once and learn its cost).
+
+    A draft model's passes are shared too: each round feeds every sequence still drafting
+    in one pass, and on a GPU a round of eight costs what a round of one does. Charged per
+    token, a round looks as dear to one sequence as to eight, and adding positions one at a
+    time never starts the rounds that would pay for all of them (a lone probe's draft then
+    looks dear, which keeps speculation off). So once round costs are measured (T_round of
+    m sequences, `observe_draft`), a plan's draft cost is the sum of its rounds'
+    (round r feeds the m_r sequences with k >= r), and plans giving every flexible sequence
+    the same K rounds compete with the position-by-position plan. Sequences whose k is fixed
     (by the request, or by a seed that must reproduce) keep their own. A sequence left at 0
     gets a 1-token probe now and then, less often the longer it stays off (_probe).
     """
@@ -187,6 +196,7 @@ class BatchDraftPlanner:
     def __init__(self, maximum: int = MAX_DRAFT_TOKENS) -> None:
         self.maximum = maximum
         self._verify_s: dict[int, float] = {}  # rows in the pass -> smoothed seconds
+        self._round_s: dict[int, float] = {}  # sequences in a draft-model round -> smoothed seconds
         self._steps_off: dict[int, int] = {}  # id(policy) -> consecutive steps with k = 0
         self._probe_at: dict[int, tuple[int, int]] = {}  # id(policy) -> (steps off at next probe, interval)
 
@@ -220,7 +230,55 @@ class BatchDraftPlanner:
                 break
             ks[best] += 1
             rows, tokens, cost = rows + 1, tokens + best_gain, cost + best_cost
+        if self._round_s and flexible:
+            ks = self._best_uniform_plan(policies, ks, budgets, flexible)
         return self._probe(policies, budgets, flexible, ks)
+
+    def _best_uniform_plan(self, policies: list[DraftLengthPolicy], ks: list[int], budgets: list[int],
+                           flexible: list[int]) -> list[int]:
+        """`ks`, or the plan giving every flexible sequence the same K rounds if one is faster.
+        The rate is near unimodal in K: stop once two K in a row did worse."""
+        best, best_rate, worse = ks, self._rate(policies, ks), 0
+        for rounds in range(1, self.maximum + 1):
+            plan = list(ks)
+            for i in flexible:
+                plan[i] = min(rounds, max(0, budgets[i]))
+            rate = self._rate(policies, plan)
+            if rate > best_rate:
+                best, best_rate, worse = plan, rate, 0
+            else:
+                worse += 1
+                if worse == 2:
+                    break
+        return best
+
+    def _rate(self, policies: list[DraftLengthPolicy], ks: list[int]) -> float:
+        """Expected tokens per second of a step with these draft lengths."""
+        tokens = sum(policy.expected_tokens(k) for policy, k in zip(policies, ks))
+        return tokens / max(self.plan_cost(policies, ks), 1e-9)
+
+    def plan_cost(self, policies: list[DraftLengthPolicy], ks: list[int]) -> float:
+        """Seconds of a step: the verify pass, and the draft rounds (or per-token draft costs
+        until rounds are measured; model-free drafters cost nothing per round)."""
+        drafting = [k for policy, k in zip(policies, ks) if k and policy.draft_cost_per_token > 0]
+        if self._round_s:
+            draft = sum(self.round_cost(sum(1 for k in drafting if k >= r)) for r in range(1, max(drafting, default=0) + 1))
+        else:
+            draft = sum(policy.draft_cost_per_token * k for policy, k in zip(policies, ks))
+        return self.verify_cost(sum(k + 1 for k in ks)) + draft
+
+    def observe_draft(self, sequences: float, rounds: int, seconds: float) -> None:
+        """A step's draft-model passes: `rounds` rounds of `sequences` sequences on average
+        took `seconds` in all."""
+        if rounds and sequences:
+            key = max(1, round(sequences))
+            self._round_s[key] = _smoothed(self._round_s.get(key), seconds / rounds)
+
+    def round_cost(self, sequences: int) -> float:
+        """Seconds of a draft round feeding this many sequences. Beyond the largest count
+        measured it stays flat (optimistic: a GPU round's cost barely grows), so the planner
+        tries a round that big once and learns its cost."""
+        return _interpolated(self._round_s, min(sequences, max(self._round_s)))
 
     def _probe(self, policies, budgets, flexible, ks) -> list[int]:
         # A sequence left at k = 0 still needs an acceptance estimate that can recover.
@@ -247,26 +305,33 @@ class BatchDraftPlanner:
         self._verify_s[rows] = _smoothed(self._verify_s.get(rows), seconds)
 
     def verify_cost(self, rows: int) -> float:
-        if rows in self._verify_s:
-            return self._verify_s[rows]
-        counts = sorted(self._verify_s)
-        below = [n for n in counts if n < rows]
-        above = [n for n in counts if n > rows]
-        if below and above:
-            lo, hi = below[-1], above[0]
-            w = (rows - lo) / (hi - lo)
-            return (1 - w) * self._verify_s[lo] + w * self._verify_s[hi]
-        edge = below[-1] if below else above[0]
-        return max(0.0, self._verify_s[edge] + self._slope() * (rows - edge))
+        return _interpolated(self._verify_s, rows)
 
-    def _slope(self) -> float:
-        """Least-squares seconds per row over the measured counts (0 with fewer than two)."""
-        if len(self._verify_s) < 2:
-            return 0.0
-        xs, ys = list(self._verify_s), list(self._verify_s.values())
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        var = sum((x - mx) ** 2 for x in xs)
-        return max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
+
+def _interpolated(table: dict[int, float], x: int) -> float:
+    """A measured cost at count x: interpolated between measured counts; beyond them
+    extended at the least-squares slope (flat until two counts are known)."""
+    if x in table:
+        return table[x]
+    counts = sorted(table)
+    below = [n for n in counts if n < x]
+    above = [n for n in counts if n > x]
+    if below and above:
+        lo, hi = below[-1], above[0]
+        w = (x - lo) / (hi - lo)
+        return (1 - w) * table[lo] + w * table[hi]
+    edge = below[-1] if below else above[0]
+    return max(0.0, table[edge] + _slope(table) * (x - edge))
+
+
+def _slope(table: dict[int, float]) -> float:
+    """Least-squares cost per count over the measured counts (0 with fewer than two)."""
+    if len(table) < 2:
+        return 0.0
+    xs, ys = list(table), list(table.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
 
 
 def _smoothed(old: float | None, new: float, weight: float = 0.3) -> float:

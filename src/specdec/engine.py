@@ -43,6 +43,15 @@ class Engine:
         """Same target and tokenizer, another drafter (weights are shared, not copied)."""
         return Engine(self.target, self.tokenizer, drafter, draft_model or self.draft_model)
 
+    def reserve_sequences(self, count: int) -> None:
+        """Prepare the models for `count` requests running together (a server's batch): on the
+        GPU path their caches come from one pool, so every batched step runs as one captured
+        graph. A no-op for models that need no preparing."""
+        for model in {id(m): m for m in (self.target, self.draft_model) if m is not None}.values():
+            reserve = getattr(model, "reserve_sequences", None)
+            if reserve is not None:
+                reserve(count)
+
     # ---- requests --------------------------------------------------------------------------
     def start(self, prompt: Prompt, params: SamplingParams) -> Generation:
         """Validate a request and return its generation, ready to `step()`."""

@@ -21,6 +21,7 @@ import torch
 from .acceptance import Verdict, verify_greedy, verify_sampled
 from .draft_length import CostMemory, DraftLengthPolicy
 from .drafters.base import (DraftFeed, DraftProposal, Drafter, ProposalSteps, empty_proposal, proposal_steps,
+                             release_cache, release_drafter,
                              run_alone)
 from .logits import to_probs
 from .models.base import CausalLM, pinned
@@ -139,7 +140,10 @@ class Generation:
         # After accept: its host read waits for the device's work.
         verify_s = None if verify_started is None else time.perf_counter() - verify_started
         self._commit(draft.proposal, verdict, draft_s=draft.draft_s, verify_s=verify_s)
-        return self._emit(draft.proposal, verdict)
+        out = self._emit(draft.proposal, verdict)
+        if out.finished:
+            self._release()
+        return out
 
     def _chained_step(self) -> StepOutput:
         """A plain greedy step whose successor is already queued on the device when its token
@@ -158,6 +162,7 @@ class Generation:
         out = self._emit(empty_proposal(), verdict)
         if out.finished:
             self._unchain()
+            self._release()
         return out
 
     def _unchain(self) -> None:
@@ -165,6 +170,12 @@ class Generation:
         any step queued after it; those are dropped (a later step() starts a new chain)."""
         self._chain = None
         self.target.rewind(self.cache, self.length - 1)
+
+    def _release(self) -> None:
+        """A finished sequence hands its caches back at once: on the GPU path they are slots
+        of a pool that the next request needs (garbage collection may come much later)."""
+        release_cache(self.target, self.cache)
+        release_drafter(self.drafter)
 
     def _prefill(self) -> None:
         self._started = time.perf_counter()

@@ -155,6 +155,8 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     loads += [(max(c for c, _ in loads), r) for r in rates]
     encoded = [_encode(engine, p) for p in prompts]
     runs = [("plain", engine.with_drafter("none"))] + variants
+    for _, variant in runs:  # as `specdec serve` does for its --max-concurrency
+        variant.reserve_sequences(max(c for c, _ in loads))
     # One stepper per run for the whole bench, as a running server keeps one (its k planner
     # learns the batched verify's costs); a warm-up round at the largest load teaches it.
     steppers = {name: BatchStepper(variant.target) for name, variant in runs}

@@ -34,6 +34,21 @@ class Drafter(Protocol):
 DrafterFactory = Callable[[], Drafter]
 
 
+def release_drafter(drafter: Drafter | None) -> None:
+    """Hand back what a finished sequence's drafter holds (a draft model's cache slot), now
+    rather than when it is garbage-collected. Drafters that hold nothing need no `release`."""
+    release = getattr(drafter, "release", None)
+    if release is not None:
+        release()
+
+
+def release_cache(model: Any, cache: Any) -> None:
+    """Hand a finished sequence's cache back to its model (GraphDecoder pools them)."""
+    release = getattr(model, "release", None)
+    if release is not None:
+        release(cache)
+
+
 @dataclass(frozen=True)
 class DraftFeed:
     """A draft model pass a proposal waits for: feed `token_ids` [n] into `cache`, send back

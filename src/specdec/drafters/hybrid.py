@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import Drafter, ProposalSteps, SteppedDrafter, proposal_steps
+from .base import Drafter, ProposalSteps, SteppedDrafter, proposal_steps, release_drafter
 from .ngram import NGramDrafter
 
 MIN_LOOKUP_TOKENS = 2  # shorter lookups are usually coincidental single-token matches
@@ -35,6 +35,9 @@ class HybridDrafter(SteppedDrafter):
         share = getattr(self.model_drafter, "share_context", None)
         if share is not None:
             share(target, target_cache)
+
+    def release(self) -> None:
+        release_drafter(self.model_drafter)
 
     def observe(self, num_accepted: int) -> None:
         if self._last is not None:

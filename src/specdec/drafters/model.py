@@ -11,7 +11,7 @@ import torch
 from ..logits import sample, to_probs
 from ..models.base import CausalLM
 from ..sampling_params import SamplingParams
-from .base import DraftFeed, DraftProposal, ProposalSteps, SteppedDrafter
+from .base import DraftFeed, DraftProposal, ProposalSteps, SteppedDrafter, release_cache
 
 
 class ModelDrafter(SteppedDrafter):
@@ -24,6 +24,9 @@ class ModelDrafter(SteppedDrafter):
         self._covers_context = hasattr(model, "cover_context")
         self._token_ids: torch.Tensor | None = None  # logits column -> token id, this proposal
         self._context_source: tuple[CausalLM, object] | None = None  # (target, its cache): see share_context
+
+    def release(self) -> None:
+        release_cache(self.model, self.cache)
 
     def share_context(self, target: CausalLM, target_cache: object) -> None:
         """Where the draft renders the target's own model (a self-draft), context it has not

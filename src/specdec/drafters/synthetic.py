@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import Drafter, DraftProposal, ProposalSteps, SteppedDrafter, proposal_steps
+from .base import Drafter, DraftProposal, ProposalSteps, SteppedDrafter, proposal_steps, release_drafter
 
 
 class SyntheticDrafter(SteppedDrafter):
@@ -32,6 +32,9 @@ class SyntheticDrafter(SteppedDrafter):
         shifted = (truth + 1 + torch.randint(0, self.vocab_size - 1, truth.shape, generator=self.rng)) % self.vocab_size
         tokens = torch.where(corrupt, shifted, truth)
         return DraftProposal(tokens, None, paid.forward_passes if paid else 0, paid.positions if paid else 0)
+
+    def release(self) -> None:
+        release_drafter(self.cost_drafter)
 
     def observe(self, num_accepted: int) -> None:
         if self.cost_drafter is not None:

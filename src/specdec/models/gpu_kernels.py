@@ -212,43 +212,58 @@ if triton is not None:
         return x * cos + sign * swapped * sin
 
     @triton.jit
-    def _write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, start_ptr, stride_qkv, capacity,
-                         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, GDC: tl.constexpr):
-        """Step row i's keys (rotated) and values of every key/value head into the cache."""
+    def _write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, start_ptr, slot_ptr, stride_qkv, capacity,
+                         slot_stride, N: tl.constexpr, POOLED: tl.constexpr, HEADS: tl.constexpr,
+                         KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, GDC: tl.constexpr):
+        """Step row r's keys (rotated) and values of every key/value head into the cache.
+        POOLED: row r is position r % N of sequence r // N, whose cache is slot slot_ptr[r // N]
+        of the pool; else every row belongs to the one sequence whose cache keys_ptr is."""
         _after_previous_kernel(GDC)
-        i = tl.program_id(0)
-        position = tl.load(start_ptr) + i
+        row = tl.program_id(0)
+        if POOLED:
+            b = row // N
+            i = row % N
+            base = tl.load(slot_ptr + b) * slot_stride
+        else:
+            b = 0
+            i = row
+            base = 0
+        position = tl.load(start_ptr + b) + i
         h = tl.arange(0, BLOCK_H)
         ok = h < KV_HEADS
         d = tl.arange(0, D)
-        key = _rotated(qkv_ptr + i * stride_qkv + (HEADS + h)[:, None] * D, ok, cos_ptr, sin_ptr,
-                       tl.zeros((BLOCK_H,), tl.int32) + i, D)
-        at = (h * capacity + position)[:, None] * D + d[None, :]
+        key = _rotated(qkv_ptr + row * stride_qkv + (HEADS + h)[:, None] * D, ok, cos_ptr, sin_ptr,
+                       tl.zeros((BLOCK_H,), tl.int32) + row, D)
+        at = base + (h * capacity + position)[:, None] * D + d[None, :]
         tl.store(keys_ptr + at, key.to(keys_ptr.dtype.element_ty), mask=ok[:, None])
-        value = tl.load(qkv_ptr + i * stride_qkv + (HEADS + KV_HEADS + h)[:, None] * D + d[None, :],
+        value = tl.load(qkv_ptr + row * stride_qkv + (HEADS + KV_HEADS + h)[:, None] * D + d[None, :],
                         mask=ok[:, None], other=0.0)
         tl.store(values_ptr + at, value, mask=ok[:, None])
 
     @triton.jit
-    def _attend_split_kernel(qkv_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, start_ptr, part_out, part_max,
-                             part_sum, stride_qkv, capacity, scale, window,
+    def _attend_split_kernel(qkv_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, start_ptr, slot_ptr, part_out,
+                             part_max, part_sum, stride_qkv, capacity, slot_stride, scale, window,
                              N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                             BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr,
+                             BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, KEYS: tl.constexpr, POOLED: tl.constexpr,
                              HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr):
-        """One key/value head's query rows (row g * N + i: query head g of the group at step
-        position i) against keys [split * CHUNK, ...) that some row sees: unnormalised output,
-        running max and sum of the split."""
+        """One key/value head's query rows of sequence b (row g * N + i: query head g of the
+        group at step position i) against keys [split * CHUNK, ...) that some row sees:
+        unnormalised output, running max and sum of the split."""
         _after_previous_kernel(GDC)
         h = tl.program_id(0)
         split = tl.program_id(1)
-        start = tl.load(start_ptr)
+        b = tl.program_id(2)
+        start = tl.load(start_ptr + b)
+        if POOLED:
+            keys_ptr += tl.load(slot_ptr + b) * slot_stride
+            values_ptr += tl.load(slot_ptr + b) * slot_stride
         r = tl.arange(0, BLOCK_R)
         rows_ok = r < GROUP * N
         step_row = r % N
         head = h * GROUP + r // N
         position = start + step_row
-        q = _rotated(qkv_ptr + step_row[:, None] * stride_qkv + head[:, None] * D, rows_ok, cos_ptr, sin_ptr,
-                     step_row, D).to(keys_ptr.dtype.element_ty)
+        q = _rotated(qkv_ptr + (b * N + step_row)[:, None] * stride_qkv + head[:, None] * D, rows_ok, cos_ptr,
+                     sin_ptr, b * N + step_row, D).to(keys_ptr.dtype.element_ty)
         d = tl.arange(0, D)
         best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_R,), tl.float32)
@@ -281,7 +296,7 @@ if triton is not None:
             else:
                 acc = acc * decay[:, None] + tl.dot(p.to(v.dtype), v)
             best = new_best
-        at = (h * SPLITS + split) * BLOCK_R + r
+        at = ((b * tl.num_programs(0) + h) * SPLITS + split) * BLOCK_R + r
         tl.store(part_max + at, best)
         tl.store(part_sum + at, total)
         tl.store(part_out + at[:, None] * D + d[None, :], acc)
@@ -290,27 +305,30 @@ if triton is not None:
     def _attend_combine_kernel(part_out, part_max, part_sum, out_ptr, start_ptr, stride_out,
                                N: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                                BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, GDC: tl.constexpr):
-        """Merge the splits of one key/value head into out [N, heads * D] (head h * GROUP + g)."""
+        """Merge the splits of one key/value head of sequence b into its rows of out
+        [B * N, heads * D] (head h * GROUP + g)."""
         _after_previous_kernel(GDC)
         h = tl.program_id(0)
-        used = tl.cdiv(tl.load(start_ptr) + N, CHUNK)
+        b = tl.program_id(1)
+        first = (b * tl.num_programs(0) + h) * SPLITS  # this head's first split of this sequence
+        used = tl.cdiv(tl.load(start_ptr + b) + N, CHUNK)
         r = tl.arange(0, BLOCK_R)
         d = tl.arange(0, D)
         best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         for split in range(0, used):
-            best = tl.maximum(best, tl.load(part_max + (h * SPLITS + split) * BLOCK_R + r))
+            best = tl.maximum(best, tl.load(part_max + (first + split) * BLOCK_R + r))
         shift = tl.where(best == float("-inf"), 0.0, best)
         total = tl.zeros((BLOCK_R,), tl.float32)
         acc = tl.zeros((BLOCK_R, D), tl.float32)
         for split in range(0, used):
-            at = (h * SPLITS + split) * BLOCK_R + r
+            at = (first + split) * BLOCK_R + r
             weight = tl.exp(tl.load(part_max + at) - shift)
             total += weight * tl.load(part_sum + at)
             acc += weight[:, None] * tl.load(part_out + at[:, None] * D + d[None, :])
         out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # 0 only in padding rows
         rows_ok = r < GROUP * N
         column = (h * GROUP + r // N) * D
-        tl.store(out_ptr + (r % N)[:, None] * stride_out + column[:, None] + d[None, :],
+        tl.store(out_ptr + (b * N + r % N)[:, None] * stride_out + column[:, None] + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None])
 
 
@@ -318,30 +336,60 @@ def write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torc
              start: torch.Tensor, heads: int, kv_heads: int) -> None:
     """Rotate this step's keys and write them and the values at positions start.. of the cache.
     qkv [n, (heads + 2 kv_heads) * d]; cos, sin [n, d] float32; keys, values [kv_heads, capacity, d]."""
-    n = qkv.shape[0]
-    d = keys.shape[-1]
-    _write_kv_kernel[(n,)](qkv, cos, sin, keys, values, start, qkv.stride(0), keys.shape[1], HEADS=heads,
-                           KV_HEADS=kv_heads, BLOCK_H=_pow2(kv_heads, 1), D=d, **_launch_options(4))
+    _write_kv(qkv, cos, sin, keys, values, start, None, 1, heads, kv_heads)
+
+
+def write_kv_batch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                   values: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor, n: int, heads: int,
+                   kv_heads: int) -> None:
+    """write_kv for a batch of sequences, n rows each (row b * n + i: position starts[b] + i of
+    sequence b). keys, values: a pool [slots, kv_heads, capacity, d]; sequence b's cache is
+    keys[slots[b]]. A graph captured over it serves any sequences: only the indices change."""
+    _write_kv(qkv, cos, sin, keys, values, starts, slots, n, heads, kv_heads)
+
+
+def _write_kv(qkv, cos, sin, keys, values, starts, slots, n, heads, kv_heads) -> None:
+    d, capacity = keys.shape[-1], keys.shape[-2]
+    pooled = slots is not None
+    _write_kv_kernel[(qkv.shape[0],)](
+        qkv, cos, sin, keys, values, starts, slots if pooled else starts, qkv.stride(0), capacity,
+        keys.stride(0) if pooled else 0, N=n, POOLED=pooled, HEADS=heads, KV_HEADS=kv_heads,
+        BLOCK_H=_pow2(kv_heads, 1), D=d, **_launch_options(4))
 
 
 def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
            start: torch.Tensor, heads: int, scale: float, window: int | None) -> torch.Tensor:
     """Causal attention of this step's rotated queries over the cache (after write_kv) ->
     [n, heads * d] in the cache's dtype. Reads only keys up to the step's last position."""
-    n = qkv.shape[0]
-    kv_heads, capacity, d = keys.shape
+    return _attend(qkv, cos, sin, keys, values, start, None, qkv.shape[0], heads, scale, window)
+
+
+def attend_batch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, starts: torch.Tensor, slots: torch.Tensor, n: int, heads: int, scale: float,
+                 window: int | None) -> torch.Tensor:
+    """attend for a batch of sequences over a pool (after write_kv_batch): each sequence's n
+    rows attend over its own slot's cache up to their own positions -> [B * n, heads * d]."""
+    return _attend(qkv, cos, sin, keys, values, starts, slots, n, heads, scale, window)
+
+
+def _attend(qkv, cos, sin, keys, values, starts, slots, n, heads, scale, window) -> torch.Tensor:
+    kv_heads, capacity, d = keys.shape[-3:]
+    pooled = slots is not None
+    sequences = qkv.shape[0] // n
     group = heads // kv_heads
     splits = triton.cdiv(capacity, KEY_CHUNK)
     block_r = _pow2(group * n)
-    part_out = torch.empty(kv_heads, splits, block_r, d, dtype=torch.float32, device=qkv.device)
-    part_max = torch.empty(kv_heads, splits, block_r, dtype=torch.float32, device=qkv.device)
+    part_out = torch.empty(sequences, kv_heads, splits, block_r, d, dtype=torch.float32, device=qkv.device)
+    part_max = torch.empty(sequences, kv_heads, splits, block_r, dtype=torch.float32, device=qkv.device)
     part_sum = torch.empty_like(part_max)
-    _attend_split_kernel[(kv_heads, splits)](
-        qkv, cos, sin, keys, values, start, part_out, part_max, part_sum, qkv.stride(0), capacity, scale,
-        window or 0, N=n, GROUP=group, D=d, SPLITS=splits, BLOCK_R=block_r, CHUNK=KEY_CHUNK, KEYS=KEY_BLOCK,
-        HAS_WINDOW=window is not None, IEEE=keys.dtype == torch.float32, **_launch_options(4 if block_r <= 32 else 8))
-    out = torch.empty(n, heads * d, dtype=keys.dtype, device=qkv.device)
-    _attend_combine_kernel[(kv_heads,)](part_out, part_max, part_sum, out, start, out.stride(0), N=n, GROUP=group, D=d,
-                                        SPLITS=splits, BLOCK_R=block_r, CHUNK=KEY_CHUNK,
-                                        **_launch_options(4 if block_r <= 32 else 8))
+    warps = 4 if block_r <= 32 else 8
+    _attend_split_kernel[(kv_heads, splits, sequences)](
+        qkv, cos, sin, keys, values, starts, slots if pooled else starts, part_out, part_max, part_sum,
+        qkv.stride(0), capacity, keys.stride(0) if pooled else 0, scale, window or 0, N=n, GROUP=group, D=d,
+        SPLITS=splits, BLOCK_R=block_r, CHUNK=KEY_CHUNK, KEYS=KEY_BLOCK, POOLED=pooled,
+        HAS_WINDOW=window is not None, IEEE=keys.dtype == torch.float32, **_launch_options(warps))
+    out = torch.empty(qkv.shape[0], heads * d, dtype=keys.dtype, device=qkv.device)
+    _attend_combine_kernel[(kv_heads, sequences)](part_out, part_max, part_sum, out, starts, out.stride(0), N=n,
+                                                  GROUP=group, D=d, SPLITS=splits, BLOCK_R=block_r,
+                                                  CHUNK=KEY_CHUNK, **_launch_options(warps))
     return out

@@ -9,9 +9,20 @@ change of the length, and nothing in a step waits for the host.
 
 A cache is a lease of a slot; a slot keeps its buffers and graphs when its lease ends, so
 the next request reuses them instead of capturing again.
+
+Many sequences at once (a server's batch): `reserve_sequences(n)` puts n slots in one pool,
+a tensor per layer [n + 1, kv_heads, capacity, head_dim]. A batch of pooled sequences, each
+feeding up to 16 tokens, runs as one graph per (batch size rounded up to a power of two,
+widest feed): the graph takes each sequence's slot index and start position as device tensors,
+so sequences join and leave between steps without a recapture. Feeds are padded to the
+widest: a padding row writes keys past its sequence's length, where nothing reads them
+before a real step overwrites them (a rewind is a length change), and its logits are dropped.
+Padding sequences write into the pool's spare slot.
 """
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import weakref
 
@@ -21,19 +32,36 @@ from torch import nn
 
 from . import gpu_kernels
 from .base import pinned
-from .compact_decoder import CompactDecoder, _cos_sin, _Layer, _linear
+from .compact_decoder import PREFILL_CHUNK, CompactDecoder, _cos_sin, _Layer, _linear, _mask, _rotate
+
+log = logging.getLogger("specdec")
 
 GRAPH_MAX_TOKENS = 16  # steps feeding more tokens than this (prompts) run eagerly
 DEFAULT_CAPACITY = 4096  # positions per sequence; the model's max_context is capped to it
+MAX_GRAPH_BATCH = 32  # sequences per batched graph; larger batches run eagerly
+MIN_PROMPT_WIDTH = 32  # prompt steps are captured for 32, 64, ... PREFILL_CHUNK positions
+
+
+class _Pool:
+    """The keys and values of `count` slots, plus a spare that padding sequences write into."""
+
+    def __init__(self, count: int, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        shape = (count + 1, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.count = count
+        self.spare = count
 
 
 class _Slot:
-    """One sequence's keys and values at fixed addresses, and the graphs that write them."""
+    """One sequence's keys and values at fixed addresses, and the graphs that write them.
+    A pooled slot's tensors are views of its row of the pool."""
 
-    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.keys = [torch.zeros(kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], index: int | None = None) -> None:
+        self.keys, self.values = keys, values  # [kv_heads, capacity, head_dim] per layer
+        self.index = index  # its row of the pool; None for a slot of its own
+        device = keys[0].device
         self.start = torch.zeros((), dtype=torch.long, device=device)  # first position of a step
         self.inputs: dict[int, torch.Tensor] = {}  # tokens per step size, [n]
         self.outputs: dict[int, torch.Tensor] = {}  # logits per step size, [n, vocab]
@@ -51,7 +79,7 @@ class StaticCache:
         self.slot = slot
         self.length = 0
         self.extra_head = None  # no per-sequence head rows on this path
-        weakref.finalize(self, release, slot)
+        self.release = weakref.finalize(self, release, slot)  # at most once: here, or when collected
 
 
 class GraphDecoder(CompactDecoder):
@@ -65,11 +93,15 @@ class GraphDecoder(CompactDecoder):
         super().__init__(model, name, dtype, eos_token_ids, vocab_size)
         self.capacity = min(capacity, self.max_context)
         self.max_context = self.capacity
-        self._free: list[_Slot] = []
+        self._free: list[_Slot] = []  # released slots; pooled ones are taken first
+        self._pool: _Pool | None = None
+        self._batch_steps: dict[tuple[int, int], _BatchStep] = {}
+        self._prompt_steps: dict[tuple[int, int], _BatchStep] = {}  # (width, 1): pooled prompts
+        self._logits_buffer: torch.Tensor | None = None  # the batched steps' logits (see _batch_step)
         # Off CUDA every step runs eagerly over the same static cache (that is how CPU tests
         # check this path's arithmetic); graphs run one at a time, so they share one pool.
         self._graphs = self.device.type == "cuda"
-        self._pool = torch.cuda.graph_pool_handle() if self._graphs else None
+        self._memory = torch.cuda.graph_pool_handle() if self._graphs else None
         self._offsets = torch.arange(GRAPH_MAX_TOKENS, device=self.device)
         self._key_positions = torch.arange(self.capacity, device=self.device)
         reason = self._kernels_do_not_apply(model)
@@ -98,9 +130,51 @@ class GraphDecoder(CompactDecoder):
 
     # ---- CausalLM ----------------------------------------------------------------------------
     def new_cache(self) -> StaticCache:
-        slot = self._free.pop() if self._free else _Slot(
-            len(self._layers), self._kv_heads, self.capacity, self._head_dim, self.dtype, self.device)
+        if self._pool is not None and not any(slot.index is not None for slot in self._free):
+            gc.collect()  # finished sequences' caches may wait in reference cycles: free their slots
+        if self._free:
+            pooled = [i for i, slot in enumerate(self._free) if slot.index is not None]
+            slot = self._free.pop(pooled[-1] if pooled else -1)
+        else:
+            keys = [torch.zeros(self._kv_heads, self.capacity, self._head_dim, dtype=self.dtype, device=self.device)
+                    for _ in self._layers]
+            slot = _Slot(keys, [torch.zeros_like(k) for k in keys])
         return StaticCache(slot, self._free.append)
+
+    def release(self, cache: StaticCache) -> None:
+        """The sequence is finished: its slot goes to the next one now. The cache is unusable after."""
+        cache.release()
+        cache.slot = None
+
+    @torch.inference_mode()
+    def reserve_sequences(self, count: int, widths: range = range(1, GRAPH_MAX_TOKENS + 1)) -> None:
+        """Make room for `count` sequences whose steps run together (a server's batch): their
+        caches come from one pool, so a batch of them runs as one captured graph. On CUDA the
+        graphs for every batch size up to `count` and every feed width are captured now, so
+        that no request waits for a capture (or a kernel compile) mid-stream. Once per
+        decoder; sequences beyond the pool get slots of their own, and batches holding one of
+        those run eagerly. Costs count x (one sequence's cache) of device memory."""
+        if self._pool is not None:
+            if count > self._pool.count:
+                log.warning("%s: %d pooled sequences already reserved; %d asked", self.name, self._pool.count, count)
+            return
+        self._pool = pool = _Pool(count, len(self._layers), self._kv_heads, self.capacity, self._head_dim,
+                                  self.dtype, self.device)
+        self._free.extend(_Slot([k[i] for k in pool.keys], [v[i] for v in pool.values], i)
+                          for i in reversed(range(count)))
+        largest = 1 << (min(count, MAX_GRAPH_BATCH) - 1).bit_length()
+        self._logits_buffer = torch.empty(largest * GRAPH_MAX_TOKENS, self._head.shape[0], dtype=torch.float32,
+                                          device=self.device)
+        if self._graphs and self.kernels:
+            size = 1
+            while size <= largest:
+                for width in widths:
+                    self._batch_step(size, width)
+                size *= 2
+            width = MIN_PROMPT_WIDTH
+            while width <= min(PREFILL_CHUNK, self.capacity):
+                self._prompt_step(width)
+                width *= 2
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, cache: StaticCache, num_logits: int) -> torch.Tensor:
@@ -111,6 +185,8 @@ class GraphDecoder(CompactDecoder):
         self._check_room(cache, n)
         if n > GRAPH_MAX_TOKENS or not self._graphs:
             return super().forward(token_ids, cache, num_logits)
+        if self.kernels and self._batchable(cache, n):  # a pooled slot: the batch graphs serve it
+            return self._batched_step([token_ids], [cache], [num_logits])[0]
         slot = cache.slot
         slot.start.fill_(cache.length)
         if n not in slot.graphs:
@@ -119,6 +195,100 @@ class GraphDecoder(CompactDecoder):
         slot.graphs[n].replay()
         cache.length += n
         return slot.outputs[n][n - num_logits :]
+
+    @torch.inference_mode()
+    def forward_batch(self, token_ids: list[torch.Tensor], caches: list[StaticCache],
+                      num_logits: list[int]) -> list[torch.Tensor]:
+        """Several sequences' new tokens; pooled sequences feeding up to GRAPH_MAX_TOKENS each
+        run as one batched graph (eagerly off CUDA), others as CompactDecoder's packed pass.
+        Returns each sequence's logits [num_logits_i, vocab], its own tensor."""
+        together = [i for i, (t, c) in enumerate(zip(token_ids, caches)) if self._batchable(c, t.shape[0])]
+        if not self.kernels or len(together) < 2:
+            return super().forward_batch(token_ids, caches, num_logits)
+        results: list[torch.Tensor | None] = [None] * len(caches)
+        # A new sequence's prompt (a draft's first feed is one) runs on its own; the rest of the
+        # batch still takes its graph.
+        for i in sorted(set(range(len(caches))) - set(together)):
+            results[i] = self.forward(token_ids[i], caches[i], num_logits[i]).clone()
+        for first in range(0, len(together), MAX_GRAPH_BATCH):
+            part = together[first : first + MAX_GRAPH_BATCH]
+            logits = self._batched_step([token_ids[i] for i in part], [caches[i] for i in part],
+                                        [num_logits[i] for i in part])
+            for i, rows in zip(part, logits):
+                results[i] = rows
+        return results
+
+    def _batched_step(self, token_ids: list[torch.Tensor], caches: list[StaticCache],
+                      num_logits: list[int]) -> list[torch.Tensor]:
+        sizes = [t.shape[0] for t in token_ids]
+        width = max(sizes)
+        for cache, n in zip(caches, sizes):
+            self._check_room(cache, n)
+        count = len(caches)
+        step = self._batch_step(1 << (count - 1).bit_length(), width)
+        # One host tensor, one copy: where each token goes in the padded feed, then the
+        # slots and starts of the batch (padding sequences: the spare slot, from position 0).
+        where = [b * width + i for b, n in enumerate(sizes) for i in range(n)]
+        padding = step.size - count
+        meta = torch.tensor(where + [c.slot.index for c in caches] + [self._pool.spare] * padding
+                            + [c.length for c in caches] + [0] * padding, dtype=torch.long)
+        meta = self._on_device(meta)
+        fed = len(where)
+        step.tokens.index_copy_(0, meta[:fed], torch.cat([self._on_device(t) for t in token_ids]))
+        step.slots.copy_(meta[fed : fed + step.size])
+        step.starts.copy_(meta[fed + step.size :])
+        step.run()
+        for cache, n in zip(caches, sizes):
+            cache.length += n
+        keep = [b * width + n - m + j for b, (n, m) in enumerate(zip(sizes, num_logits)) for j in range(m)]
+        rows = self._on_device(torch.tensor(keep, dtype=torch.long))
+        # index_select copies: the next batched step overwrites the buffer they share.
+        return list(step.output.index_select(0, rows).split(num_logits))
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host tensors are queued for the device, not waited for (see base.pinned)."""
+        return pinned(tensor).to(self.device, non_blocking=True) if self._graphs else tensor.to(self.device)
+
+    def _batchable(self, cache: StaticCache, width: int) -> bool:
+        """A feed that can join a batched graph: a pooled sequence's, narrow enough, with room
+        for the padded width."""
+        return (self._pool is not None and cache.slot.index is not None and width <= GRAPH_MAX_TOKENS
+                and cache.length + GRAPH_MAX_TOKENS <= self.capacity)
+
+    def _batch_step(self, size: int, width: int) -> "_BatchStep":
+        step = self._batch_steps.get((size, width))
+        if step is None:
+            step = _BatchStep(size, width, self.device)
+            step.slots.fill_(self._pool.spare)  # capture warm-ups write into the spare slot only
+
+            def body() -> None:
+                # Into one buffer that every batched step shares: a graph's own output would
+                # stay allocated for the life of the graph, ~4 GB over all shapes for an 8B model.
+                logits = self._logits(self._batched_body(step))
+                step.output = self._logits_buffer[: logits.shape[0]]
+                step.output.copy_(logits)
+            if self._graphs:
+                graph = self._captured(body)
+                step.run = graph.replay
+                step.graph = graph
+            else:
+                step.run = body
+            self._batch_steps[(size, width)] = step
+        return step
+
+    def _batched_body(self, step: "_BatchStep") -> torch.Tensor:
+        """The fused layers over a batch of pooled sequences, `step.width` rows each."""
+        n, pool = step.width, self._pool
+        positions = (step.starts[:, None] + self._offsets[None, :n]).reshape(-1)
+        hidden = self.embedding(step.tokens).float()
+        rotary = [_cos_sin(positions.float(), inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
+
+        def cache(i, qkv, cos, sin, layer):
+            gpu_kernels.write_kv_batch(qkv, cos, sin, pool.keys[i], pool.values[i], step.starts, step.slots, n,
+                                       self._heads, self._kv_heads)
+            return gpu_kernels.attend_batch(qkv, cos, sin, pool.keys[i], pool.values[i], step.starts, step.slots,
+                                            n, self._heads, layer.scaling, layer.sliding_window)
+        return self._fused_layers(hidden, rotary, cache)
 
     @torch.inference_mode()
     def prefill(self, token_ids: torch.Tensor, cache: StaticCache) -> None:
@@ -191,7 +361,7 @@ class GraphDecoder(CompactDecoder):
                 step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._memory):
             step()
         return graph
 
@@ -200,11 +370,97 @@ class GraphDecoder(CompactDecoder):
         """Eager steps (prompts; every step off CUDA) of up to MAX_ROWS positions take the
         graphs' path; longer ones attend over the live part of the cache only, as the compact
         decoder does (a masked attention over the whole capacity costs a prompt dearly)."""
-        if token_ids.shape[0] > GRAPH_MAX_TOKENS:
+        n = token_ids.shape[0]
+        if n > GRAPH_MAX_TOKENS and not self.kernels:
             return self._packed_body([token_ids], [cache])
+        if n > GRAPH_MAX_TOKENS:
+            width = max(MIN_PROMPT_WIDTH, 1 << (n - 1).bit_length())
+            if cache.slot.index is not None and cache.length + width <= self.capacity:
+                return self._prompt_graph(token_ids, cache, width)
+            return self._fused_prompt(token_ids, cache)
         cache.slot.start.fill_(cache.length)
         hidden = self._static_body(token_ids.to(self.device), cache.slot)
         cache.length += token_ids.shape[0]
+        return hidden
+
+    def _prompt_graph(self, token_ids: torch.Tensor, cache: StaticCache, width: int) -> torch.Tensor:
+        """A pooled sequence's prompt through the captured prompt step of `width` positions
+        (padded: padding rows write keys past the sequence's length, never read)."""
+        step = self._prompt_step(width)
+        n = token_ids.shape[0]
+        step.tokens[:n].copy_(self._on_device(token_ids))
+        meta = self._on_device(torch.tensor([cache.slot.index, cache.length], dtype=torch.long))
+        step.slots.copy_(meta[:1])
+        step.starts.copy_(meta[1:])
+        step.run()
+        cache.length += n
+        return step.output[:n]  # the final hidden states, normed
+
+    def _prompt_step(self, width: int) -> "_BatchStep":
+        """The captured prompt step: one pooled sequence, `width` positions. The fused layers,
+        with attention in PyTorch's kernel over the slot's cache under a causal mask."""
+        step = self._prompt_steps.get((width, 1))
+        if step is None:
+            step = _BatchStep(1, width, self.device)
+            step.slots.fill_(self._pool.spare)
+
+            def body() -> None:
+                step.output = self._prompt_body(step)
+            if self._graphs:
+                step.graph = self._captured(body)
+                step.run = step.graph.replay
+            else:
+                step.run = body
+            self._prompt_steps[(width, 1)] = step
+        return step
+
+    def _prompt_body(self, step: "_BatchStep") -> torch.Tensor:
+        n, pool, d = step.width, self._pool, self._head_dim
+        positions = step.starts + torch.arange(n, device=self.device)  # [n]
+        hidden = self.embedding(step.tokens).float()
+        rotary = [_cos_sin(positions.float(), inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
+        keys_at = self._key_positions[None]
+        causal = keys_at <= positions[:, None]  # [n, capacity]
+        masks: dict[int | None, torch.Tensor] = {}
+
+        def attend(i, qkv, cos, sin, layer):
+            gpu_kernels.write_kv_batch(qkv, cos, sin, pool.keys[i], pool.values[i], step.starts, step.slots, n,
+                                       self._heads, self._kv_heads)
+            window = layer.sliding_window
+            if window not in masks:
+                masks[window] = causal if window is None else causal & (keys_at > positions[:, None] - window)
+            q = _rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).to(self.dtype), pool.keys[i].index_select(0, step.slots)[0],
+                pool.values[i].index_select(0, step.slots)[0], attn_mask=masks[window], scale=layer.scaling,
+                enable_gqa=True)
+            return out.transpose(0, 1).reshape(n, self._heads * d)
+        return self._fused_layers(hidden, rotary, attend)
+
+    def _fused_prompt(self, token_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """A prompt (more positions than a graph step takes), eagerly, over the fused layers:
+        ~10 launches a layer. PyTorch's own layer is ~35 small ops, which on an 8B model
+        made a 256-token prompt cost 35 ms of launches, and a server's batch waits for every
+        new request's prompt. Attention runs in PyTorch's fused kernel over the live keys
+        (the flash kernel for a prompt from position 0)."""
+        n, start, slot, d = token_ids.shape[0], cache.length, cache.slot, self._head_dim
+        slot.start.fill_(start)
+        positions = torch.arange(start, start + n, device=self.device, dtype=torch.float32)
+        hidden = self.embedding(token_ids.to(self.device)).float()
+        rotary = [_cos_sin(positions, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
+
+        def attend(i, qkv, cos, sin, layer):
+            gpu_kernels.write_kv(qkv, cos, sin, slot.keys[i], slot.values[i], slot.start, self._heads, self._kv_heads)
+            q = _rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin)
+            causal = start == 0 and layer.sliding_window is None
+            mask = None if causal else _mask(start, n, layer.sliding_window, self.device)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).to(self.dtype), slot.keys[i][:, : start + n], slot.values[i][:, : start + n],
+                attn_mask=mask, is_causal=causal, scale=layer.scaling, enable_gqa=True)
+            return out.transpose(0, 1).reshape(n, self._heads * d)
+
+        hidden = self._fused_layers(hidden, rotary, attend)
+        cache.length += n
         return hidden
 
     def _static_body(self, token_ids: torch.Tensor, slot: _Slot) -> torch.Tensor:
@@ -214,7 +470,12 @@ class GraphDecoder(CompactDecoder):
         angles = positions.float()
         rotary = [_cos_sin(angles, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
         if self.kernels and n <= gpu_kernels.MAX_ROWS:
-            return self._fused_layers(hidden, rotary, slot)
+            def cache(i, qkv, cos, sin, layer):
+                gpu_kernels.write_kv(qkv, cos, sin, slot.keys[i], slot.values[i], slot.start, self._heads,
+                                     self._kv_heads)
+                return gpu_kernels.attend(qkv, cos, sin, slot.keys[i], slot.values[i], slot.start, self._heads,
+                                          layer.scaling, layer.sliding_window)
+            return self._fused_layers(hidden, rotary, cache)
         keys = self._key_positions[None]
         causal = keys <= positions[:, None]  # [n, capacity]
         masks: dict[int | None, torch.Tensor] = {}
@@ -227,28 +488,28 @@ class GraphDecoder(CompactDecoder):
         return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
 
     def _fused_layers(self, hidden: torch.Tensor, rotary: list[tuple[torch.Tensor, torch.Tensor]],
-                      slot: _Slot) -> torch.Tensor:
+                      cache) -> torch.Tensor:
         """The same layers as _static_body in 9 kernels each (gpu_kernels); the final hidden
-        state comes out normed, in the weights' dtype."""
+        state comes out normed, in the weights' dtype. cache(index, qkv, cos, sin, layer)
+        writes a layer's keys and values and returns its attention output."""
         delta = None  # the last MLP's output, added to the residual stream by the next norm
         for i, layer in enumerate(self._layers):
             cos, sin = rotary[layer.rope]
             x = gpu_kernels.add_rms_norm(hidden, delta, layer.input_norm, self._eps, self.dtype)
-            qkv = gpu_kernels.skinny_matmul(x, layer.qkv, layer.qkv_bias)
-            keys, values = slot.keys[i], slot.values[i]
-            gpu_kernels.write_kv(qkv, cos, sin, keys, values, slot.start, self._heads, self._kv_heads)
-            attended = gpu_kernels.attend(qkv, cos, sin, keys, values, slot.start, self._heads, layer.scaling,
-                                          layer.sliding_window)
-            x = gpu_kernels.add_rms_norm(hidden, gpu_kernels.skinny_matmul(attended, layer.o), layer.pre_mlp_norm,
+            attended = cache(i, self._product(x, layer.qkv, layer.qkv_bias), cos, sin, layer)
+            x = gpu_kernels.add_rms_norm(hidden, self._product(attended, layer.o), layer.pre_mlp_norm,
                                          self._eps, self.dtype)
-            gated = gpu_kernels.silu_mul(gpu_kernels.skinny_matmul(x, layer.gate_up))
-            delta = gpu_kernels.skinny_matmul(gated, layer.down)
+            gated = gpu_kernels.silu_mul(self._product(x, layer.gate_up))
+            delta = self._product(gated, layer.down)
         return gpu_kernels.add_rms_norm(hidden, delta, self._final_norm, self._eps, self.dtype)
 
-    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Up to MAX_ROWS rows: the skinny kernel, whose rows do not depend on how many come;
+        a batch's larger passes: cuBLAS (compute starts to count there)."""
         if self.kernels and x.shape[0] <= gpu_kernels.MAX_ROWS:
-            return gpu_kernels.skinny_matmul(x.contiguous(), weight)
-        return _linear(x, weight)
+            return gpu_kernels.skinny_matmul(x.contiguous(), weight, bias)
+        out = _linear(x, weight)
+        return out if bias is None else out + bias
 
     def _attention(self, slot: _Slot, positions: torch.Tensor, mask: torch.Tensor):
         """attend(layer, index, q, k, v) -> [n, heads * head_dim] for one sequence's rows."""
@@ -290,6 +551,20 @@ class GraphDecoder(CompactDecoder):
         if cache.length + n > self.capacity:
             raise ValueError(f"the static cache holds {self.capacity} positions; "
                              f"{cache.length} + {n} do not fit")
+
+
+class _BatchStep:
+    """The inputs, output and graph of one step shape over the pool: `size` sequences
+    (padding included) feeding `width` tokens each."""
+
+    def __init__(self, size: int, width: int, device: torch.device) -> None:
+        self.size, self.width = size, width
+        self.tokens = torch.zeros(size * width, dtype=torch.long, device=device)
+        self.slots = torch.zeros(size, dtype=torch.long, device=device)
+        self.starts = torch.zeros(size, dtype=torch.long, device=device)
+        self.output: torch.Tensor | None = None  # after a run: logits [size * width, vocab]; a prompt step's hidden states
+        self.run = None
+        self.graph: torch.cuda.CUDAGraph | None = None
 
 
 class GreedyChain:

@@ -36,6 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     if slots is not None and args.max_concurrency > slots:
         raise SpecDecError(f"--max-concurrency {args.max_concurrency} exceeds the {slots} sequences this backend "
                            "holds at once; lower it, or use --backend torch")
+    engine.reserve_sequences(args.max_concurrency)
     name = args.served_model_name or _model_id(engine.target.name)
     config = ServerConfig(model_name=name, max_running=args.max_concurrency, max_waiting=args.max_queue,
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes)
