@@ -228,7 +228,7 @@ def test_planner_keeps_fixed_and_seed_bound_k_and_respects_budgets():
 
 
 def test_planner_probes_a_sequence_it_left_at_zero():
-    planner = _planner(fixed_s=0.0, per_row_s=0.01)
+    planner = _planner(fixed_s=0.01, per_row_s=0.02)  # rows too dear for these drafts, not for a perfect one
     policies = _policies(0.1, 2)
     plans = [planner.plan(policies, [50, 50]) for _ in range(16)]
     assert sum(sum(p) for p in plans) >= 2  # a 1-token probe now and then
@@ -236,7 +236,7 @@ def test_planner_probes_a_sequence_it_left_at_zero():
 
 
 def test_planner_probes_less_often_the_longer_a_sequence_stays_off():
-    planner = _planner(fixed_s=0.0, per_row_s=0.01)
+    planner = _planner(fixed_s=0.01, per_row_s=0.02)  # rows too dear for these drafts, not for a perfect one
     policies = _policies(0.1, 1) + _policies(0.95, 1)
     probes = [i for i in range(1, 201) if planner.plan(policies, [50, 50])[0]]
     assert probes[:4] == [8, 24, 56, 120]  # after 8, 16, 32, then 64 steps off
@@ -281,3 +281,13 @@ def test_planner_round_costs_count_only_the_sequences_still_drafting():
     policies = _model_drafting(0.8, 4, draft_s_per_token=0.001)
     # rounds 1-2 feed 4 sequences, round 3 feeds 1
     assert planner.plan_cost(policies, [2, 2, 3, 2]) == pytest.approx(planner.verify_cost(13) + 2 * 0.002 + 0.001)
+
+
+def test_planner_does_not_probe_where_no_draft_row_could_pay():
+    # Rows that cost what a token earns (a compute-bound pass, no fixed part): even a draft
+    # that is always accepted cannot beat plain steps, so probing only costs.
+    planner = _planner(fixed_s=0.0, per_row_s=0.01)
+    policies = _policies(0.1, 4)
+    assert all(planner.plan(policies, [50] * 4) == [0] * 4 for _ in range(100))
+    cheap = _planner(fixed_s=0.05, per_row_s=0.001)  # a fixed cost to share: probes come back
+    assert sum(sum(cheap.plan(policies, [50] * 4)) for _ in range(100)) >= 4

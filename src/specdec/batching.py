@@ -42,10 +42,15 @@ class BatchStepper:
         if len(generations) == 1:
             return [_guarded(generations[0].step)]
         ks = self.planner.plan([g.policy for g in generations], [g.draft_budget for g in generations])
-        drafts = self._draft([g.draft_steps(k) for g, k in zip(generations, ks)])
+        # Drafts are not waited for (timed=False): on a GPU the verify pass is queued behind
+        # them while they run, and the clock times them on the device.
+        clock = _DraftClock(self.target.device)
+        drafts = self._draft([g.draft_steps(k, timed=False) for g, k in zip(generations, ks)], clock)
         live = [i for i, d in enumerate(drafts) if isinstance(d, DraftedStep)]
-        started = time.perf_counter()
+        launched = time.perf_counter()
         logits = self._verify([generations[i] for i in live], [drafts[i] for i in live])
+        drafts = self._charge(drafts, clock)  # waits for the drafts only
+        started = max(launched, clock.done_at)  # the verify pass runs from here
         results: list[StepResult] = list(drafts)  # failures stay as they are
         for i, target_logits in zip(live, logits):
             results[i] = target_logits if isinstance(target_logits, BaseException) else \
@@ -55,17 +60,15 @@ class BatchStepper:
             self.planner.observe(rows, time.perf_counter() - started)
         return results
 
-    def _draft(self, steps: list[Generator]) -> list[DraftedStep | BaseException]:
+    def _draft(self, steps: list[Generator], clock: "_DraftClock") -> list[DraftedStep | BaseException]:
         """Drive every generation's draft in lockstep: each round, the passes they wait for
-        run as one forward_batch per draft model. Each sequence is charged the round's time
-        in proportion to the positions it fed, so its policy learns a batched draft's cost."""
+        run as one forward_batch per draft model."""
         results: list[DraftedStep | BaseException | None] = [None] * len(steps)
         waiting: dict[int, DraftFeed] = {}
-        fed = [0] * len(steps)
+        clock.fed = [0] * len(steps)
         for i, s in enumerate(steps):  # up to each one's first pass: new arrivals prefill the target here
             self._resume(i, s, None, waiting, results)
-        started = time.perf_counter()
-        rounds = fed_sequences = widest = 0
+        clock.start()
         while waiting:
             by_model: dict[int, list[int]] = {}
             for i, feed in waiting.items():
@@ -73,19 +76,25 @@ class BatchStepper:
             for group in by_model.values():
                 feeds = [waiting.pop(i) for i in group]
                 for i, feed in zip(group, feeds):
-                    fed[i] += feed.token_ids.shape[0]
-                    widest = max(widest, feed.token_ids.shape[0])
+                    clock.fed[i] += feed.token_ids.shape[0]
+                    clock.widest = max(clock.widest, feed.token_ids.shape[0])
                 logits = self._feed(feeds)
-                rounds, fed_sequences = rounds + 1, fed_sequences + len(feeds)
+                clock.rounds, clock.fed_sequences = clock.rounds + 1, clock.fed_sequences + len(feeds)
                 for i, answer in zip(group, logits):
                     self._resume(i, steps[i], answer, waiting, results)
-        total, elapsed = sum(fed), time.perf_counter() - started
+        clock.stop()
+        return results
+
+    def _charge(self, drafts: list, clock: "_DraftClock") -> list[DraftedStep | BaseException]:
+        """Each sequence is charged the rounds' time in proportion to the positions it fed,
+        so its policy learns a batched draft's cost; the planner learns what a round costs."""
+        elapsed, total = clock.elapsed(), sum(clock.fed)
         # What rounds cost, from steps without a catch-up: a draft resuming after steps off
         # first reads every token since (a prompt, for a new request), which is no round's cost.
-        if rounds and widest <= self.planner.maximum + 1:
-            self.planner.observe_draft(fed_sequences / rounds, rounds, elapsed)
-        return [replace(r, draft_s=elapsed * fed[i] / total) if isinstance(r, DraftedStep) and total else r
-                for i, r in enumerate(results)]
+        if clock.rounds and clock.widest <= self.planner.maximum + 1:
+            self.planner.observe_draft(clock.fed_sequences / clock.rounds, clock.rounds, elapsed)
+        return [replace(d, draft_s=elapsed * clock.fed[i] / total) if isinstance(d, DraftedStep) and total else d
+                for i, d in enumerate(drafts)]
 
     @staticmethod
     def _resume(i: int, steps: Generator, answer, waiting: dict, results: list) -> None:
@@ -113,6 +122,38 @@ class BatchStepper:
             return []
         ids = [d.verify_ids for d in drafts]
         return _one_pass_or_each(self.target, ids, [g.cache for g in generations], [t.shape[0] for t in ids], "verify")
+
+
+class _DraftClock:
+    """How long a step's draft rounds took. On a GPU they run asynchronously: events around
+    them time the device, and waiting for the second lets the verify pass, launched before,
+    run on; the host's own time counts too (a model-free lookup runs there)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._events = device.type == "cuda"
+        self.fed: list[int] = []  # positions each sequence fed
+        self.rounds = self.fed_sequences = self.widest = 0
+        self.done_at = 0.0  # host time when the drafts were known finished
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+        if self._events:
+            self._first = torch.cuda.Event(enable_timing=True)
+            self._first.record()
+
+    def stop(self) -> None:
+        self.done_at = time.perf_counter()
+        self._host_s = self.done_at - self._started
+        if self._events:
+            self._last = torch.cuda.Event(enable_timing=True)
+            self._last.record()
+
+    def elapsed(self) -> float:
+        if not self._events:
+            return self._host_s
+        self._last.synchronize()
+        self.done_at = time.perf_counter()
+        return max(self._host_s, self._first.elapsed_time(self._last) / 1e3)
 
 
 def _one_pass_or_each(model: CausalLM, ids: list[torch.Tensor], caches: list, num_logits: list[int],

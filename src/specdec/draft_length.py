@@ -32,6 +32,7 @@ PROBE_BUDGET = 0.03
 # In a batch, a sequence left at k = 0 probes after 8, then 16, 32, 64 more steps: each probe
 # makes its draft catch up on every token since the last, which a busy step cannot hide.
 MAX_PROBE_INTERVAL = 64
+PROBE_HOPE = 0.95  # the acceptance a probe could find at best: a text the draft copies
 
 
 class CostMemory:
@@ -234,6 +235,15 @@ class BatchDraftPlanner:
             ks = self._best_uniform_plan(policies, ks, budgets, flexible)
         return self._probe(policies, budgets, flexible, ks)
 
+    def _a_row_could_pay(self, policies: list[DraftLengthPolicy], ks: list[int]) -> bool:
+        """Whether one more draft position, accepted with the best acceptance we plan for
+        (PROBE_HOPE), would raise this plan's tokens per second."""
+        rows = sum(k + 1 for k in ks)
+        tokens = sum(policy.expected_tokens(k) for policy, k in zip(policies, ks))
+        cost = self.plan_cost(policies, ks)
+        extra = self.verify_cost(rows + 1) - self.verify_cost(rows)
+        return PROBE_HOPE * cost > tokens * extra
+
     def _best_uniform_plan(self, policies: list[DraftLengthPolicy], ks: list[int], budgets: list[int],
                            flexible: list[int]) -> list[int]:
         """`ks`, or the plan giving every flexible sequence the same K rounds if one is faster.
@@ -283,6 +293,10 @@ class BatchDraftPlanner:
     def _probe(self, policies, budgets, flexible, ks) -> list[int]:
         # A sequence left at k = 0 still needs an acceptance estimate that can recover.
         # Probes back off (PROBE_EVERY, doubling to MAX_PROBE_INTERVAL) while it stays off.
+        # Where even a draft token that is always accepted would not pay for its row (a
+        # compute-bound pass: on 2 CPU cores at 32 sequences a row costs what a token
+        # earns), what a probe learns cannot change the plan: no probe, plain steps.
+        hopeless = not self._a_row_could_pay(policies, ks)
         seen = {id(policies[i]) for i in flexible}
         self._steps_off = {key: n for key, n in self._steps_off.items() if key in seen}
         self._probe_at = {key: at for key, at in self._probe_at.items() if key in seen}
@@ -294,7 +308,7 @@ class BatchDraftPlanner:
                 continue
             off = self._steps_off[key] = self._steps_off.get(key, 0) + 1
             at, interval = self._probe_at.get(key, (PROBE_EVERY, PROBE_EVERY))
-            if budgets[i] > 0 and off >= at:
+            if budgets[i] > 0 and off >= at and not hopeless:
                 ks[i] = 1
                 interval = min(2 * interval, MAX_PROBE_INTERVAL)
                 at = off + interval

@@ -111,8 +111,9 @@ class Generation:
         target must verify: a batch (batching.py) verifies many sequences in one pass."""
         return run_alone(self.draft_steps(k))
 
-    def draft_steps(self, k: int | None = None) -> Generator[DraftFeed, torch.Tensor, "DraftedStep"]:
-        """`draft` as steps: yields each draft-model pass it needs (a batch feeds many at once)."""
+    def draft_steps(self, k: int | None = None, timed: bool = True) -> Generator[DraftFeed, torch.Tensor, "DraftedStep"]:
+        """`draft` as steps: yields each draft-model pass it needs (a batch feeds many at once).
+        timed=False: a GPU draft is not waited for to time it (a batch times its drafts itself)."""
         if self.finished:
             raise RuntimeError("generation already finished")
         if self._started is None:
@@ -121,7 +122,7 @@ class Generation:
             self._unchain()
         started = time.perf_counter()
         proposal = yield from self._propose(k)
-        if self._synchronize is not None:  # GPU work is asynchronous: the draft's time is its finish
+        if timed and self._synchronize is not None:  # GPU work is asynchronous: the draft's time is its finish
             self._synchronize()
         # Draft tokens stay where the drafter made them: a GPU draft is not waited for here.
         device = proposal.tokens.device

@@ -200,11 +200,12 @@ class GraphDecoder(CompactDecoder):
     def forward_batch(self, token_ids: list[torch.Tensor], caches: list[StaticCache],
                       num_logits: list[int]) -> list[torch.Tensor]:
         """Several sequences' new tokens; pooled sequences feeding up to GRAPH_MAX_TOKENS each
-        run as one batched graph (eagerly off CUDA), others as CompactDecoder's packed pass.
+        run as one batched graph (eagerly off CUDA), others one by one (a prompt: its own
+        graph). Without a pool or the fused kernels: CompactDecoder's packed pass.
         Returns each sequence's logits [num_logits_i, vocab], its own tensor."""
-        together = [i for i, (t, c) in enumerate(zip(token_ids, caches)) if self._batchable(c, t.shape[0])]
-        if not self.kernels or len(together) < 2:
+        if not self.kernels or self._pool is None:
             return super().forward_batch(token_ids, caches, num_logits)
+        together = [i for i, (t, c) in enumerate(zip(token_ids, caches)) if self._batchable(c, t.shape[0])]
         results: list[torch.Tensor | None] = [None] * len(caches)
         # A new sequence's prompt (a draft's first feed is one) runs on its own; the rest of the
         # batch still takes its graph.
