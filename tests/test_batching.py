@@ -288,6 +288,9 @@ def test_planner_does_not_probe_where_no_draft_row_could_pay():
     # that is always accepted cannot beat plain steps, so probing only costs.
     planner = _planner(fixed_s=0.0, per_row_s=0.01)
     policies = _policies(0.1, 4)
+    planner.observe(5, 0.05)  # a pass one row longer than these 4 sequences' plain step, measured
     assert all(planner.plan(policies, [50] * 4) == [0] * 4 for _ in range(100))
+    unmeasured = _planner(fixed_s=0.0, per_row_s=0.01)  # until it is, probes measure it
+    assert sum(sum(unmeasured.plan(policies, [50] * 4)) for _ in range(100)) >= 4
     cheap = _planner(fixed_s=0.05, per_row_s=0.001)  # a fixed cost to share: probes come back
     assert sum(sum(cheap.plan(policies, [50] * 4)) for _ in range(100)) >= 4

@@ -237,8 +237,12 @@ class BatchDraftPlanner:
 
     def _a_row_could_pay(self, policies: list[DraftLengthPolicy], ks: list[int]) -> bool:
         """Whether one more draft position, accepted with the best acceptance we plan for
-        (PROBE_HOPE), would raise this plan's tokens per second."""
+        (PROBE_HOPE), would raise this plan's tokens per second. Until a pass one row longer
+        has been measured it might: extrapolated across loads, a row's cost also carries
+        each sequence's own overhead, and a probe is what measures it."""
         rows = sum(k + 1 for k in ks)
+        if rows + 1 not in self._verify_s:
+            return True
         tokens = sum(policy.expected_tokens(k) for policy, k in zip(policies, ks))
         cost = self.plan_cost(policies, ks)
         extra = self.verify_cost(rows + 1) - self.verify_cost(rows)
