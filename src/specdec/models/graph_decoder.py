@@ -162,10 +162,12 @@ class GraphDecoder(CompactDecoder):
                                   self.dtype, self.device)
         self._free.extend(_Slot([k[i] for k in pool.keys], [v[i] for v in pool.values], i)
                           for i in reversed(range(count)))
+        if not self.kernels:  # batches then take the packed pass over the pooled slots
+            return
         largest = 1 << (min(count, MAX_GRAPH_BATCH) - 1).bit_length()
         self._logits_buffer = torch.empty(largest * GRAPH_MAX_TOKENS, self._head.shape[0], dtype=torch.float32,
                                           device=self.device)
-        if self._graphs and self.kernels:
+        if self._graphs:
             size = 1
             while size <= largest:
                 for width in widths:
@@ -368,9 +370,10 @@ class GraphDecoder(CompactDecoder):
 
     # ---- the decoder over a static cache ----------------------------------------------------------
     def _body(self, token_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
-        """Eager steps (prompts; every step off CUDA) of up to MAX_ROWS positions take the
-        graphs' path; longer ones attend over the live part of the cache only, as the compact
-        decoder does (a masked attention over the whole capacity costs a prompt dearly)."""
+        """Steps run outside a per-slot graph: up to GRAPH_MAX_TOKENS positions take the graphs'
+        body eagerly; prompts take the pool's prompt graphs where they can, else the fused
+        layers eagerly (or, without the kernels, the compact decoder's packed pass), which
+        attend over the live part of the cache only."""
         n = token_ids.shape[0]
         if n > GRAPH_MAX_TOKENS and not self.kernels:
             return self._packed_body([token_ids], [cache])
