@@ -54,8 +54,10 @@ def test_llama_cpp_speculative_greedy_equals_its_plain_greedy(engine, k):
 def test_llama_cpp_rewind_matches_fresh_forward(engine):
     generation = engine.start(PROMPTS[1], SamplingParams(max_new_tokens=24, num_draft_tokens=4))
     model = engine.target
-    while not generation.finished:
+    while True:
         generation.step()
+        if generation.finished:  # its sequence is handed back at the finish
+            break
         length = generation.length
         assert model.cache_length(generation.cache) == length - 1
         # forward() returns a view of llama.cpp's buffer, which the next decode overwrites
@@ -80,6 +82,17 @@ def test_llama_cpp_sequences_are_independent_and_released(engine):
     del a, b
     for _ in range(20):  # more generations than slots: finished sequences give theirs back
         engine.generate(PROMPTS[1], max_new_tokens=2)
+
+
+def test_a_finished_generation_hands_its_sequence_back_while_still_held(engine):
+    model = engine.target
+    free = len(model._free)
+    held = [engine.start(PROMPTS[1], SamplingParams(max_new_tokens=2, num_draft_tokens=0)) for _ in range(3)]
+    assert len(model._free) == free - 3
+    for generation in held:
+        generation.run()
+    assert len(model._free) == free  # at the finish, not when the server drops its reference
+    assert all(g.cache.seq_id is None for g in held)  # and their caches can no longer touch the ids
 
 
 def test_llama_cpp_backend_rejects_non_gguf_and_self_draft(tmp_path):
