@@ -300,7 +300,7 @@ class BatchDraftPlanner:
         # Where even a draft token that is always accepted would not pay for its row (a
         # compute-bound pass: on 2 CPU cores at 32 sequences a row costs what a token
         # earns), what a probe learns cannot change the plan: no probe, plain steps.
-        hopeless = not self._a_row_could_pay(policies, ks)
+        hopeless = None  # decided at the first sequence due a probe
         seen = {id(policies[i]) for i in flexible}
         self._steps_off = {key: n for key, n in self._steps_off.items() if key in seen}
         self._probe_at = {key: at for key, at in self._probe_at.items() if key in seen}
@@ -312,7 +312,10 @@ class BatchDraftPlanner:
                 continue
             off = self._steps_off[key] = self._steps_off.get(key, 0) + 1
             at, interval = self._probe_at.get(key, (PROBE_EVERY, PROBE_EVERY))
-            if budgets[i] > 0 and off >= at and not hopeless:
+            due = budgets[i] > 0 and off >= at
+            if due and hopeless is None:
+                hopeless = not self._a_row_could_pay(policies, ks)
+            if due and not hopeless:
                 ks[i] = 1
                 interval = min(2 * interval, MAX_PROBE_INTERVAL)
                 at = off + interval

@@ -147,7 +147,7 @@ class GraphDecoder(CompactDecoder):
         cache.slot = None
 
     @torch.inference_mode()
-    def reserve_sequences(self, count: int, widths: range = range(1, GRAPH_MAX_TOKENS + 1)) -> None:
+    def reserve_sequences(self, count: int) -> None:
         """Make room for `count` sequences whose steps run together (a server's batch): their
         caches come from one pool, so a batch of them runs as one captured graph. On CUDA the
         graphs for every batch size up to `count` and every feed width are captured now, so
@@ -170,7 +170,7 @@ class GraphDecoder(CompactDecoder):
         if self._graphs:
             size = 1
             while size <= largest:
-                for width in widths:
+                for width in range(1, GRAPH_MAX_TOKENS + 1):
                     self._batch_step(size, width)
                 size *= 2
             width = MIN_PROMPT_WIDTH
@@ -419,7 +419,7 @@ class GraphDecoder(CompactDecoder):
         return step
 
     def _prompt_body(self, step: "_BatchStep") -> torch.Tensor:
-        n, pool, d = step.width, self._pool, self._head_dim
+        n, pool = step.width, self._pool
         positions = step.starts + torch.arange(n, device=self.device)  # [n]
         hidden = self.embedding(step.tokens).float()
         rotary = [_cos_sin(positions.float(), inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
@@ -433,13 +433,20 @@ class GraphDecoder(CompactDecoder):
             window = layer.sliding_window
             if window not in masks:
                 masks[window] = causal if window is None else causal & (keys_at > positions[:, None] - window)
-            q = _rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1).to(self.dtype), pool.keys[i].index_select(0, step.slots)[0],
-                pool.values[i].index_select(0, step.slots)[0], attn_mask=masks[window], scale=layer.scaling,
-                enable_gqa=True)
-            return out.transpose(0, 1).reshape(n, self._heads * d)
+            return self._attend_prompt(qkv, cos, sin, pool.keys[i].index_select(0, step.slots)[0],
+                                       pool.values[i].index_select(0, step.slots)[0], layer, masks[window])
         return self._fused_layers(hidden, rotary, attend)
+
+    def _attend_prompt(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                       values: torch.Tensor, layer: _Layer, mask: torch.Tensor | None,
+                       causal: bool = False) -> torch.Tensor:
+        """A prompt's queries (rotated here) over keys and values already in the cache, in
+        PyTorch's fused attention -> [n, heads * d]."""
+        n, d = qkv.shape[0], self._head_dim
+        q = _rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1).to(self.dtype), keys, values, attn_mask=mask,
+                                             is_causal=causal, scale=layer.scaling, enable_gqa=True)
+        return out.transpose(0, 1).reshape(n, self._heads * d)
 
     def _fused_prompt(self, token_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
         """A prompt (more positions than a graph step takes), eagerly, over the fused layers:
@@ -447,7 +454,7 @@ class GraphDecoder(CompactDecoder):
         made a 256-token prompt cost 35 ms of launches, and a server's batch waits for every
         new request's prompt. Attention runs in PyTorch's fused kernel over the live keys
         (the flash kernel for a prompt from position 0)."""
-        n, start, slot, d = token_ids.shape[0], cache.length, cache.slot, self._head_dim
+        n, start, slot = token_ids.shape[0], cache.length, cache.slot
         slot.start.fill_(start)
         positions = torch.arange(start, start + n, device=self.device, dtype=torch.float32)
         hidden = self.embedding(token_ids.to(self.device)).float()
@@ -455,13 +462,10 @@ class GraphDecoder(CompactDecoder):
 
         def attend(i, qkv, cos, sin, layer):
             gpu_kernels.write_kv(qkv, cos, sin, slot.keys[i], slot.values[i], slot.start, self._heads, self._kv_heads)
-            q = _rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin)
             causal = start == 0 and layer.sliding_window is None
             mask = None if causal else _mask(start, n, layer.sliding_window, self.device)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1).to(self.dtype), slot.keys[i][:, : start + n], slot.values[i][:, : start + n],
-                attn_mask=mask, is_causal=causal, scale=layer.scaling, enable_gqa=True)
-            return out.transpose(0, 1).reshape(n, self._heads * d)
+            return self._attend_prompt(qkv, cos, sin, slot.keys[i][:, : start + n], slot.values[i][:, : start + n],
+                                       layer, mask, causal)
 
         hidden = self._fused_layers(hidden, rotary, attend)
         cache.length += n

@@ -19,7 +19,8 @@ import gc
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,9 @@ def _quiet_llama_logs() -> None:
 class SequenceSlot:
     """A sequence's place in the shared llama.cpp KV cache."""
 
-    seq_id: int
+    seq_id: int | None  # None once released
     length: int = 0
+    release: Callable[[], Any] | None = field(default=None, repr=False, compare=False)  # at most once
 
 
 class LlamaCppCausalLM:
@@ -111,7 +113,6 @@ class LlamaCppCausalLM:
             self.eos_token_ids = frozenset(t for t in eos if t >= 0)
         self.max_sequences = max_sequences  # sequences in flight at once (they share n_ctx cells)
         self._free = list(range(max_sequences))
-        self._finalizers: dict[int, weakref.finalize] = {}  # id(slot) -> what hands its id back, once
         self._lock = threading.Lock()
 
     # ---- sequences ---------------------------------------------------------------------------
@@ -123,21 +124,18 @@ class LlamaCppCausalLM:
                 raise RuntimeError("all llama.cpp sequence slots are in use")
             slot = SequenceSlot(self._free.pop())
         self._ctx.kv_cache_seq_rm(slot.seq_id, 0, -1)
-        self._finalizers[id(slot)] = weakref.finalize(slot, self._release, slot.seq_id, id(slot))
+        slot.release = weakref.finalize(slot, self._release, slot.seq_id)  # here, or when collected
         return slot
 
     def release(self, cache: SequenceSlot) -> None:
         """The sequence is finished: its cells are cleared and its id goes to the next one now."""
-        finalizer = self._finalizers.get(id(cache))
-        if finalizer is not None:
-            finalizer()
-            cache.seq_id = None  # a released cache must not touch the id's next owner
+        cache.release()
+        cache.seq_id = None  # a released cache must not touch the id's next owner
 
-    def _release(self, seq_id: int, key: int) -> None:
+    def _release(self, seq_id: int) -> None:
         if self._ctx.ctx is not None:
             self._ctx.kv_cache_seq_rm(seq_id, 0, -1)
         with self._lock:
-            self._finalizers.pop(key, None)
             self._free.append(seq_id)
 
     def cache_length(self, cache: SequenceSlot) -> int:
