@@ -82,8 +82,14 @@ def device_gaps(target, draft, reference, prompt, alpha: float, k: int) -> None:
     make = lambda: SyntheticDrafter(ModelDrafter(draft), reference, alpha, 128256, seed=k)  # noqa: E731
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         timed_generation(target, make(), prompt, 128, k)
+    print(f"alpha={alpha} k={k}: " + idle_report(prof, skip=0.25))
+
+
+def idle_report(prof, skip: float = 0.0) -> str:
+    """Where the profiled GPU sat idle: the share of the kernels' span, and the kernel pairs
+    with the most idle time between them. skip: the share of kernels left out at the start."""
     kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
-    kernels = kernels[len(kernels) // 4:]  # past both prefills
+    kernels = kernels[int(len(kernels) * skip):]
     gaps = []
     for before, after in zip(kernels, kernels[1:]):
         gap = after.time_range.start - max(before.time_range.end, 0)
@@ -91,14 +97,15 @@ def device_gaps(target, draft, reference, prompt, alpha: float, k: int) -> None:
             gaps.append((gap, before.name[:50], after.name[:50]))
     span = kernels[-1].time_range.end - kernels[0].time_range.start
     idle = sum(g for g, *_ in gaps)
-    print(f"alpha={alpha} k={k}: {span / 1000:.1f} ms of kernels' span, GPU idle {idle / 1000:.2f} ms "
-          f"({idle / span:.1%}) in {len(gaps)} gaps; gaps over 20 us: {sum(g for g, *_ in gaps if g > 20) / 1000:.2f} ms")
+    lines = [f"{span / 1000:.1f} ms of kernels' span, GPU idle {idle / 1000:.2f} ms ({idle / span:.1%}) in "
+             f"{len(gaps)} gaps; gaps over 20 us: {sum(g for g, *_ in gaps if g > 20) / 1000:.2f} ms"]
     by_pair: dict[tuple[str, str], list[float]] = {}
     for gap, before, after in gaps:
         by_pair.setdefault((before, after), []).append(gap)
     worst = sorted(by_pair.items(), key=lambda item: -sum(item[1]))[:8]
     for (before, after), values in worst:
-        print(f"  {sum(values) / 1000:.2f} ms in {len(values)} gaps  {before}  ->  {after}")
+        lines.append(f"  {sum(values) / 1000:.2f} ms in {len(values)} gaps  {before}  ->  {after}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

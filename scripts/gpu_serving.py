@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_bench import llama, sync_time  # noqa: E402
+from gpu_host_gaps import idle_report  # noqa: E402
 from specdec import Engine, SamplingParams  # noqa: E402
 from specdec.batching import BatchStepper  # noqa: E402
 from specdec.bench.serving import serve  # noqa: E402
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--k", type=int, default=None, help="fix the speculative runs' draft length (default: the planner's)")
     parser.add_argument("--profile", action="store_true", help="print where the host's time goes in each measured run")
+    parser.add_argument("--gaps", action="store_true", help="print where the GPU idles in each measured run")
+    parser.add_argument("--host", action="store_true", help="print the host's time between a step's launches")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     vocab, prompt_len, new_tokens = 128256, 256, (32 if args.quick else 128)
@@ -65,6 +68,22 @@ def main() -> None:
                 if size in (2, 8, 32) and width in (1, 2, 4, 8):
                     seconds = sync_time(lambda: [step.run() for _ in range(20)])[0] / 20
                     print(f"{name} batched graph {size} x {width}: {seconds * 1e3:.2f} ms", flush=True)
+    if args.profile:  # a request's prompts: the target's prefill, the draft's first read
+        for name, model, n in (("8b", target, prompt_len - 1), ("1b", draft, prompt_len)):
+            cache, ids = model.new_cache(), torch.randint(2, vocab, (n,))
+
+            def prompt():
+                model.rewind(cache, 0)
+                model.forward(ids, cache, num_logits=1)
+            prompt()
+            seconds = sync_time(lambda: [prompt() for _ in range(10)])[0] / 10
+            print(f"{name} prompt of {n} tokens: {seconds * 1e3:.2f} ms", flush=True)
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                prompt()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+            model.release(cache)
     torch.manual_seed(0)
     distinct = [torch.randint(2, vocab, (prompt_len,)).tolist() for _ in range(8)]
     references = []
@@ -91,6 +110,19 @@ def main() -> None:
             return serve(engine, batch, tokens, c, stepper=steppers[name], start=start)
 
         def measured(name):
+            if args.host:
+                with HostTimeline(target) as timeline:
+                    result = run(name, prompts, new_tokens)
+                print(f"--- c={c} {name}: {result[0].tokens_per_s:.0f} tok/s; host, medians per step: "
+                      + timeline.report(), flush=True)
+                return result
+            if args.gaps:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    result = run(name, prompts, new_tokens)
+                print(f"--- c={c} {name}: {result[0].tokens_per_s:.0f} tok/s under the profiler; "
+                      + idle_report(prof), flush=True)
+                return result
             if not args.profile:
                 return run(name, prompts, new_tokens)
             profile = cProfile.Profile()
@@ -111,6 +143,63 @@ def main() -> None:
               f"({row['ratio']:.2f}x, acceptance {spec[0].acceptance_rate or 0:.0%}, "
               f"k/step {spec[0].mean_draft_tokens:.1f}, identical {row['identical']})", flush=True)
         (OUT / "gpu_serving.json").write_text(json.dumps(report, indent=2))
+
+
+class HostTimeline:
+    """When the host read each step's verdicts, and when it had launched each batched pass:
+    the GPU has nothing queued from a verdict's read until the next pass is launched."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+        self.marks: list[tuple[str, float]] = []  # ("verdict" | "draft" | "verify", host time)
+
+    def __enter__(self) -> "HostTimeline":
+        import specdec.batching as batching
+        from specdec.models.graph_decoder import GraphDecoder
+        self._saved = (batching.verify_greedy_batch, GraphDecoder._batched_step)
+        read, launch = self._saved
+
+        def timed_read(*args):
+            out = read(*args)
+            self.marks.append(("verdict", time.perf_counter()))
+            return out
+
+        def timed_launch(decoder, *args):
+            out = launch(decoder, *args)
+            self.marks.append(("verify" if decoder is self.target else "draft", time.perf_counter()))
+            return out
+
+        batching.verify_greedy_batch, GraphDecoder._batched_step = timed_read, timed_launch
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import specdec.batching as batching
+        from specdec.models.graph_decoder import GraphDecoder
+        batching.verify_greedy_batch, GraphDecoder._batched_step = self._saved
+
+    def report(self) -> str:
+        import statistics
+        first_launch, rounds, verify_after, steps = [], [], [], []
+        verdict = last = None
+        for kind, t in self.marks:
+            if kind == "verdict":
+                if verdict is not None:
+                    steps.append(t - verdict)
+                verdict, last = t, None
+            elif verdict is not None:
+                if last is None:
+                    first_launch.append(t - verdict)
+                elif kind == "draft":
+                    rounds.append(t - last)
+                else:
+                    verify_after.append(t - last)
+                last = t
+        ms = lambda xs: f"{1e3 * statistics.median(xs):.2f} ms" if xs else "-"  # noqa: E731
+        usual = 1.5 * statistics.median(steps) if steps else 0.0
+        long = [x for x in steps if x > usual]  # steps with a new request's prompt in them
+        return (f"step {ms(steps)}; verdict -> first launch {ms(first_launch)}; between draft launches "
+                f"{ms(rounds)}; last draft -> verify launch {ms(verify_after)}; {len(steps)} steps: "
+                f"{sum(steps) - sum(long):.3f} s in usual ones, {sum(long):.3f} s in {len(long)} longer ones")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specdec.acceptance import (acceptance_probability, recovered_distribution, reference_verify_sampled,
-                                verify_greedy, verify_sampled)
+                                verify_greedy, verify_greedy_batch, verify_sampled)
 from stats_util import chi2_critical, chi2_statistic
 
 
@@ -69,6 +69,25 @@ def test_greedy_accepts_longest_agreeing_prefix_and_takes_target_token_next():
     assert verify_greedy(logits, torch.tensor([3, 4, 7, 1])).__dict__ == {"num_accepted": 4, "next_token": 9}
     assert verify_greedy(logits, torch.tensor([0, 4, 7, 1])).__dict__ == {"num_accepted": 0, "next_token": 3}
     assert verify_greedy(logits[:1], torch.tensor([], dtype=torch.long)).__dict__ == {"num_accepted": 0, "next_token": 3}
+
+
+def test_batched_greedy_verdicts_equal_each_sequence_verified_alone():
+    """A batch's verdicts, read at once, are each sequence's own: random ragged batches
+    (k from 0 to 6, drafts agreeing for a random prefix, then by chance)."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        batch = int(torch.randint(1, 9, (1,), generator=g))
+        logits, drafts = [], []
+        for _ in range(batch):
+            k = int(torch.randint(0, 7, (1,), generator=g))
+            rows = torch.randn(k + 1, 11, generator=g)
+            agree = int(torch.randint(0, k + 1, (1,), generator=g))
+            tokens = rows.argmax(-1)[:k].clone()
+            tokens[agree:] = torch.randint(0, 11, (k - agree,), generator=g)
+            logits.append(rows)
+            drafts.append(tokens)
+        expected = [verify_greedy(rows, tokens) for rows, tokens in zip(logits, drafts)]
+        assert verify_greedy_batch(logits, drafts) == expected
 
 
 @pytest.mark.parametrize("one_hot", [False, True])

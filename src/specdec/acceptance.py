@@ -36,6 +36,33 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> Ve
     return Verdict(num_accepted, next_token)
 
 
+def verify_greedy_batch(target_logits: list[torch.Tensor], draft_tokens: list[torch.Tensor]) -> list[Verdict]:
+    """verify_greedy for the sequences of one shared verify pass, with one read from the
+    device instead of one per sequence (each read waits on the device, and the GPU idles
+    until the batch's next launch). target_logits: each sequence's [k_i+1, vocab], on one
+    device; draft_tokens: its [k_i], there or on the host."""
+    picks = torch.cat(target_logits).argmax(dim=-1)  # [R], R = sum(k_i + 1)
+    total = picks.shape[0]
+    # Drafts made on the device come back in the same read as the picks.
+    on_device = [i for i, t in enumerate(draft_tokens) if t.device.type != "cpu"]
+    read = torch.cat([picks, *(draft_tokens[i].to(picks.device) for i in on_device)]).cpu()
+    picks, drafts = read[:total], list(draft_tokens)
+    for i, tokens in zip(on_device, read[total:].split([draft_tokens[i].shape[0] for i in on_device])):
+        drafts[i] = tokens
+    # Padded to [B, K]; sequence b's picks are rows starts[b] .. starts[b] + k_b.
+    sizes = torch.tensor([t.shape[0] for t in drafts], dtype=torch.long)
+    starts = torch.cumsum(sizes + 1, 0) - (sizes + 1)
+    width = int(sizes.max())
+    columns = torch.arange(width)
+    valid = columns < sizes[:, None]  # [B, K]
+    padded = torch.full((len(drafts), width), -1, dtype=torch.long)  # -1: no token, never a pick
+    padded[valid] = torch.cat(drafts).long()
+    their_picks = picks[(starts[:, None] + columns).clamp(max=total - 1)]  # [B, K]
+    accepted = (padded == their_picks).to(torch.int32).cumprod(dim=1).sum(dim=1)  # [B]
+    next_tokens = picks[starts + accepted]
+    return [Verdict(n, t) for n, t in zip(accepted.tolist(), next_tokens.tolist())]
+
+
 def verify_sampled(
     target_probs: torch.Tensor,
     draft_tokens: torch.Tensor,

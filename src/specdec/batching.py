@@ -6,7 +6,8 @@
            draft-model passes run in lockstep, every sequence's in one packed pass per round;
   verify   one target pass over every sequence's [last, d1..dk] (ragged: own k, own cache
            length; `forward_batch`), so the weights are read once for all of them;
-  conclude each generation accepts, rewinds its own cache and emits (Generation.conclude).
+  conclude each generation accepts, rewinds its own cache and emits (Generation.conclude);
+           the greedy ones' verdicts are read from the device together (one sync a step).
 
 Sequences join and leave between steps: the caller passes whichever generations are running.
 A lone generation takes its own `step()`, so concurrency 1 costs what a single request costs.
@@ -22,6 +23,7 @@ from typing import Generator
 
 import torch
 
+from .acceptance import Verdict, verify_greedy_batch
 from .draft_length import BatchDraftPlanner
 from .drafters.base import DraftFeed
 from .generation import DraftedStep, Generation, StepOutput
@@ -51,10 +53,11 @@ class BatchStepper:
         logits = self._verify([generations[i] for i in live], [drafts[i] for i in live])
         drafts = self._charge(drafts, clock)  # waits for the drafts only
         started = max(launched, clock.done_at)  # the verify pass runs from here
+        verdicts = _greedy_verdicts(generations, drafts, live, logits)
         results: list[StepResult] = list(drafts)  # failures stay as they are
         for i, target_logits in zip(live, logits):
             results[i] = target_logits if isinstance(target_logits, BaseException) else \
-                _guarded(generations[i].conclude, drafts[i], target_logits)
+                _guarded(generations[i].conclude, drafts[i], target_logits, None, verdicts.get(i))
         if live and not any(isinstance(results[i], BaseException) for i in live):
             rows = sum(drafts[i].verify_ids.shape[0] for i in live)
             self.planner.observe(rows, time.perf_counter() - started)
@@ -177,6 +180,23 @@ def _one_pass_or_each(model: CausalLM, ids: list[torch.Tensor], caches: list, nu
         except Exception as exc:
             results.append(exc)
     return results
+
+
+def _greedy_verdicts(generations: list[Generation], drafts: list, live: list[int],
+                     logits: list) -> dict[int, Verdict]:
+    """The greedy sequences' verdicts, read from the device at once; the others (sampled, or
+    whose pass failed) reach theirs in conclude."""
+    greedy = [(i, rows) for i, rows in zip(live, logits)
+              if generations[i].params.greedy and not isinstance(rows, BaseException)]
+    if len(greedy) < 2:
+        return {}
+    try:
+        verdicts = verify_greedy_batch([rows for _, rows in greedy],
+                                       [drafts[i].proposal.tokens for i, _ in greedy])
+    except Exception:  # each sequence then reaches its own, and fails alone if it must
+        log.exception("a batch's greedy verdicts failed: each sequence's on its own")
+        return {}
+    return {i: verdict for (i, _), verdict in zip(greedy, verdicts)}
 
 
 def _guarded(function, *args):

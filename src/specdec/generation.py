@@ -133,11 +133,13 @@ class Generation:
         return DraftedStep(proposal, verify_ids, time.perf_counter() - started)
 
     def conclude(self, draft: "DraftedStep", target_logits: torch.Tensor,
-                 verify_started: float | None = None) -> StepOutput:
+                 verify_started: float | None = None, verdict: Verdict | None = None) -> StepOutput:
         """target_logits: [k+1, vocab] of the verify pass over draft.verify_ids, whose keys and
         values are now in this sequence's cache. Accept, rewind, emit. verify_started: when
-        this sequence's own verify pass began (None in a shared pass: the batch times that)."""
-        verdict = self._accept(target_logits, draft.proposal)
+        this sequence's own verify pass began (None in a shared pass: the batch times that).
+        verdict: already reached for these logits (a batch reads its greedy verdicts at once)."""
+        if verdict is None:
+            verdict = self._accept(target_logits, draft.proposal)
         # After accept: its host read waits for the device's work.
         verify_s = None if verify_started is None else time.perf_counter() - verify_started
         self._commit(draft.proposal, verdict, draft_s=draft.draft_s, verify_s=verify_s)

@@ -229,24 +229,31 @@ class GraphDecoder(CompactDecoder):
             self._check_room(cache, n)
         count = len(caches)
         step = self._batch_step(1 << (count - 1).bit_length(), width)
-        # One host tensor, one copy: where each token goes in the padded feed, then the
-        # slots and starts of the batch (padding sequences: the spare slot, from position 0).
-        where = [b * width + i for b, n in enumerate(sizes) for i in range(n)]
         padding = step.size - count
-        meta = torch.tensor(where + [c.slot.index for c in caches] + [self._pool.spare] * padding
-                            + [c.length for c in caches] + [0] * padding, dtype=torch.long)
-        meta = self._on_device(meta)
-        fed = len(where)
-        step.tokens.index_copy_(0, meta[:fed], torch.cat([self._on_device(t) for t in token_ids]))
-        step.slots.copy_(meta[fed : fed + step.size])
-        step.starts.copy_(meta[fed + step.size :])
+        # One host tensor, one copy (each copy is a launch the GPU may wait on): where each
+        # token goes in the padded feed, the slots and starts of the batch (padding sequences:
+        # the spare slot, from position 0), the rows whose logits are kept, then the tokens
+        # that are on the host. Tokens already on the device follow those.
+        on_host = [b for b, t in enumerate(token_ids) if t.device.type == "cpu"]
+        order = on_host + [b for b, t in enumerate(token_ids) if t.device.type != "cpu"]
+        where = [b * width + i for b in order for i in range(sizes[b])]
+        keep = [b * width + n - m + j for b, (n, m) in enumerate(zip(sizes, num_logits)) for j in range(m)]
+        header = [*where, *(c.slot.index for c in caches), *[self._pool.spare] * padding,
+                  *(c.length for c in caches), *[0] * padding, *keep]
+        meta = self._on_device(torch.cat([torch.tensor(header, dtype=torch.long),
+                                          *(token_ids[b].long() for b in on_host)]))
+        fed, size = len(where), step.size
+        tokens = meta[len(header) :]
+        if len(on_host) < count:
+            tokens = torch.cat([tokens, *(token_ids[b] for b in order[len(on_host) :])])
+        step.tokens.index_copy_(0, meta[:fed], tokens)
+        step.slots.copy_(meta[fed : fed + size])
+        step.starts.copy_(meta[fed + size : fed + 2 * size])
         step.run()
         for cache, n in zip(caches, sizes):
             cache.length += n
-        keep = [b * width + n - m + j for b, (n, m) in enumerate(zip(sizes, num_logits)) for j in range(m)]
-        rows = self._on_device(torch.tensor(keep, dtype=torch.long))
         # index_select copies: the next batched step overwrites the buffer they share.
-        return list(step.output.index_select(0, rows).split(num_logits))
+        return list(step.output.index_select(0, meta[fed + 2 * size : len(header)]).split(num_logits))
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Host tensors are queued for the device, not waited for (see base.pinned)."""
@@ -432,20 +439,33 @@ class GraphDecoder(CompactDecoder):
                                        self._heads, self._kv_heads)
             window = layer.sliding_window
             if window not in masks:
-                masks[window] = causal if window is None else causal & (keys_at > positions[:, None] - window)
+                masks[window] = self._grouped_mask(
+                    causal if window is None else causal & (keys_at > positions[:, None] - window))
             return self._attend_prompt(qkv, cos, sin, pool.keys[i].index_select(0, step.slots)[0],
                                        pool.values[i].index_select(0, step.slots)[0], layer, masks[window])
         return self._fused_layers(hidden, rotary, attend)
 
     def _attend_prompt(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                       values: torch.Tensor, layer: _Layer, mask: torch.Tensor | None,
-                       causal: bool = False) -> torch.Tensor:
+                       values: torch.Tensor, layer: _Layer, mask: torch.Tensor | None) -> torch.Tensor:
         """A prompt's queries (rotated here) over keys and values already in the cache, in
-        PyTorch's fused attention -> [n, heads * d]."""
-        n, d = qkv.shape[0], self._head_dim
-        q = _rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1).to(self.dtype), keys, values, attn_mask=mask,
-                                             is_causal=causal, scale=layer.scaling, enable_gqa=True)
+        PyTorch's fused attention -> [n, heads * d]. mask: _grouped_mask's [group * n, keys],
+        or None for a causal prompt over exactly its own keys.
+
+        Under a mask the query heads sharing a key/value head are stacked as rows of it (as in
+        _attend_static): grouped-query attention under a mask has no fused kernel, and its
+        fall-back runs in float32 (a 255-token 8B prompt spent 7 of its 18 ms there)."""
+        n, d, kv = qkv.shape[0], self._head_dim, self._kv_heads
+        q = _rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin).to(self.dtype)
+        if mask is None:  # the flash kernel takes grouped heads
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, is_causal=True,
+                                                 scale=layer.scaling, enable_gqa=True)
+        else:
+            group = self._heads // kv
+            grouped = q.view(n, kv, group, d).permute(1, 2, 0, 3).reshape(kv, group * n, d)
+            # Four dimensions: PyTorch's fused kernels take no other shape (3-D falls back too).
+            out = F.scaled_dot_product_attention(grouped[None], keys[None], values[None], attn_mask=mask,
+                                                 scale=layer.scaling)
+            out = out.reshape(self._heads, n, d)  # head j * group + g: as transformers repeats them
         return out.transpose(0, 1).reshape(n, self._heads * d)
 
     def _fused_prompt(self, token_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
@@ -463,9 +483,9 @@ class GraphDecoder(CompactDecoder):
         def attend(i, qkv, cos, sin, layer):
             gpu_kernels.write_kv(qkv, cos, sin, slot.keys[i], slot.values[i], slot.start, self._heads, self._kv_heads)
             causal = start == 0 and layer.sliding_window is None
-            mask = None if causal else _mask(start, n, layer.sliding_window, self.device)
+            mask = None if causal else self._grouped_mask(_mask(start, n, layer.sliding_window, self.device))
             return self._attend_prompt(qkv, cos, sin, slot.keys[i][:, : start + n], slot.values[i][:, : start + n],
-                                       layer, mask, causal)
+                                       layer, mask)
 
         hidden = self._fused_layers(hidden, rotary, attend)
         cache.length += n
@@ -552,7 +572,8 @@ class GraphDecoder(CompactDecoder):
         n, kv, d = q.shape[0], self._kv_heads, self._head_dim
         group = self._heads // kv
         grouped = q.to(self.dtype).view(n, kv, group, d).permute(1, 2, 0, 3).reshape(kv, group * n, d)
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=layer.scaling)
+        out = F.scaled_dot_product_attention(grouped[None], keys[None], values[None], attn_mask=mask,
+                                             scale=layer.scaling)  # 4-D: the fused kernels' only shape
         return out.reshape(self._heads, n, d)  # head j * group + g: as transformers repeats them
 
     def _check_room(self, cache: StaticCache, n: int) -> None:
