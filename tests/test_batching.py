@@ -294,3 +294,24 @@ def test_planner_does_not_probe_where_no_draft_row_could_pay():
     assert sum(sum(unmeasured.plan(policies, [50] * 4)) for _ in range(100)) >= 4
     cheap = _planner(fixed_s=0.05, per_row_s=0.001)  # a fixed cost to share: probes come back
     assert sum(sum(cheap.plan(policies, [50] * 4)) for _ in range(100)) >= 4
+
+
+def test_planner_counts_the_hosts_overhead_in_a_steps_cost():
+    """A step's host work (the GPU idle between verdicts and the next launch) is paid whatever
+    k is: counted, it makes the same dear rows worth drafting; left out, they are not."""
+    planner = _planner(fixed_s=0.0, per_row_s=0.01)
+    assert planner.plan(_policies(0.3, 8), [50] * 8) == [0] * 8
+    planner.observe_overhead(0.5)
+    assert planner.step_overhead == 0.5
+    assert sum(planner.plan(_policies(0.3, 8), [50] * 8)) > 0
+
+
+def test_stepper_learns_the_hosts_overhead_from_steps_without_a_prompt(models):
+    target = HFCausalLM(models["llama"], "p")
+    engine = Engine(target, drafter="ngram")
+    generations = [engine.start(prompt, SamplingParams(max_new_tokens=6)) for prompt in PROMPTS[:3]]
+    stepper = BatchStepper(target)
+    stepper.step(generations)  # every prompt is read here: no overhead to learn from
+    assert stepper.planner.step_overhead == 0.0
+    stepper.step(generations)
+    assert stepper.planner.step_overhead > 0.0

@@ -43,6 +43,8 @@ class BatchStepper:
         """One step of each generation, in order: its output, or the exception that ended it."""
         if len(generations) == 1:
             return [_guarded(generations[0].step)]
+        began = time.perf_counter()
+        joining = not all(g.prefilled for g in generations)  # a prompt runs in this step: not overhead
         ks = self.planner.plan([g.policy for g in generations], [g.draft_budget for g in generations])
         # Drafts are not waited for (timed=False): on a GPU the verify pass is queued behind
         # them while they run, and the clock times them on the device.
@@ -60,7 +62,10 @@ class BatchStepper:
                 _guarded(generations[i].conclude, drafts[i], target_logits, None, verdicts.get(i))
         if live and not any(isinstance(results[i], BaseException) for i in live):
             rows = sum(drafts[i].verify_ids.shape[0] for i in live)
-            self.planner.observe(rows, time.perf_counter() - started)
+            ended = time.perf_counter()
+            self.planner.observe(rows, ended - started)
+            if not joining:  # the host's share of the step: up to its verify, what the drafts did not take
+                self.planner.observe_overhead(started - began - clock.elapsed())
         return results
 
     def _draft(self, steps: list[Generator], clock: "_DraftClock") -> list[DraftedStep | BaseException]:
@@ -137,6 +142,7 @@ class _DraftClock:
         self.fed: list[int] = []  # positions each sequence fed
         self.rounds = self.fed_sequences = self.widest = 0
         self.done_at = 0.0  # host time when the drafts were known finished
+        self._device_s: float | None = None
 
     def start(self) -> None:
         self._started = time.perf_counter()
@@ -154,9 +160,11 @@ class _DraftClock:
     def elapsed(self) -> float:
         if not self._events:
             return self._host_s
-        self._last.synchronize()
-        self.done_at = time.perf_counter()
-        return max(self._host_s, self._first.elapsed_time(self._last) / 1e3)
+        if self._device_s is None:
+            self._last.synchronize()
+            self.done_at = time.perf_counter()
+            self._device_s = self._first.elapsed_time(self._last) / 1e3
+        return max(self._host_s, self._device_s)
 
 
 def _one_pass_or_each(model: CausalLM, ids: list[torch.Tensor], caches: list, num_logits: list[int],

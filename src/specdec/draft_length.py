@@ -197,6 +197,7 @@ class BatchDraftPlanner:
     def __init__(self, maximum: int = MAX_DRAFT_TOKENS) -> None:
         self.maximum = maximum
         self._verify_s: dict[int, float] = {}  # rows in the pass -> smoothed seconds
+        self._overhead_s: float | None = None  # a step's host work outside its passes (observe_overhead)
         self._round_s: dict[int, float] = {}  # sequences in a draft-model round -> smoothed seconds
         self._steps_off: dict[int, int] = {}  # id(policy) -> consecutive steps with k = 0
         self._probe_at: dict[int, tuple[int, int]] = {}  # id(policy) -> (steps off at next probe, interval)
@@ -216,7 +217,8 @@ class BatchDraftPlanner:
             return ks
         rows = sum(k + 1 for k in ks)
         tokens = sum(policy.expected_tokens(k) for policy, k in zip(policies, ks))  # E(0) = 1: a plain step
-        cost = self.verify_cost(rows) + sum(policy.draft_cost_per_token * k for policy, k in zip(policies, ks))
+        cost = self.step_overhead + self.verify_cost(rows) + sum(
+            policy.draft_cost_per_token * k for policy, k in zip(policies, ks))
         while True:
             extra_row = self.verify_cost(rows + 1) - self.verify_cost(rows)
             best, best_gain, best_cost = None, 0.0, 0.0
@@ -272,14 +274,25 @@ class BatchDraftPlanner:
         return tokens / max(self.plan_cost(policies, ks), 1e-9)
 
     def plan_cost(self, policies: list[DraftLengthPolicy], ks: list[int]) -> float:
-        """Seconds of a step: the verify pass, and the draft rounds (or per-token draft costs
-        until rounds are measured; model-free drafters cost nothing per round)."""
+        """Seconds of a step: the host's overhead, the verify pass, and the draft rounds (or
+        per-token draft costs until rounds are measured; model-free drafters cost nothing per round)."""
         drafting = [k for policy, k in zip(policies, ks) if k and policy.draft_cost_per_token > 0]
         if self._round_s:
             draft = sum(self.round_cost(sum(1 for k in drafting if k >= r)) for r in range(1, max(drafting, default=0) + 1))
         else:
             draft = sum(policy.draft_cost_per_token * k for policy, k in zip(policies, ks))
-        return self.verify_cost(sum(k + 1 for k in ks)) + draft
+        return self.step_overhead + self.verify_cost(sum(k + 1 for k in ks)) + draft
+
+    def observe_overhead(self, seconds: float) -> None:
+        """A step's time outside its verify pass and draft rounds: the host's work between a
+        step's verdicts and its next launch, while the GPU idles. Every step pays it whatever
+        k is, so it is part of what a step's tokens are divided by: left out, the planner
+        drafts too little wherever the host's share of a step is large (a busy GPU server)."""
+        self._overhead_s = _smoothed(self._overhead_s, max(0.0, seconds), weight=0.1)
+
+    @property
+    def step_overhead(self) -> float:
+        return self._overhead_s or 0.0
 
     def observe_draft(self, sequences: float, rounds: int, seconds: float) -> None:
         """A step's draft-model passes: `rounds` rounds of `sequences` sequences on average

@@ -186,6 +186,11 @@ class Generation:
         self.stats.prefill_time_s = time.perf_counter() - self._started
 
     @property
+    def prefilled(self) -> bool:
+        """Whether the prompt has been read (a new request reads it in its first step)."""
+        return self._started is not None
+
+    @property
     def draft_budget(self) -> int:
         """Most tokens the next step may draft: it emits up to k+1, within the token budget
         and the context; 0 without a drafter."""
