@@ -62,8 +62,7 @@ class BatchStepper:
                 _guarded(generations[i].conclude, drafts[i], target_logits, None, verdicts.get(i))
         if live and not any(isinstance(results[i], BaseException) for i in live):
             rows = sum(drafts[i].verify_ids.shape[0] for i in live)
-            ended = time.perf_counter()
-            self.planner.observe(rows, ended - started)
+            self.planner.observe(rows, time.perf_counter() - started)
             if not joining:  # the host's share of the step: up to its verify, what the drafts did not take
                 self.planner.observe_overhead(started - began - clock.elapsed())
         return results
