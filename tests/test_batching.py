@@ -13,6 +13,7 @@ from specdec import Engine, SamplingParams
 from specdec.batching import BatchStepper
 from specdec.draft_length import BatchDraftPlanner, DraftLengthPolicy
 from specdec.drafters.base import DraftProposal
+from specdec.models.base import PACKED, BatchLayout
 from specdec.models.compact_decoder import CompactDecoder
 from specdec.models.hf import HFCausalLM
 import tiny
@@ -315,3 +316,40 @@ def test_stepper_learns_the_hosts_overhead_from_steps_without_a_prompt(models):
     assert stepper.planner.step_overhead == 0.0
     stepper.step(generations)
     assert stepper.planner.step_overhead > 0.0
+
+
+def test_planner_drafts_below_a_padded_pass_widest_feed_where_a_packed_one_would_not():
+    # The GPU's batched graphs pad every feed to the widest: a draft position below it costs
+    # the pass nothing, only its draft. Charged a row for it, as a packed pass is, the planner
+    # leaves the weaker sequence nearly off and the step slower than it could be.
+    padded = BatchLayout(padded_batch=lambda n: n)
+
+    def planner(layout: BatchLayout) -> BatchDraftPlanner:
+        planner = BatchDraftPlanner(layout=layout)
+        for rows in (2, 4, 6, 8, 10, 12, 16, 20):
+            planner.observe(rows, 0.005 + 0.0004 * rows)
+        return planner
+
+    policies = _model_drafting(0.95, 1, draft_s_per_token=0.0002) + _model_drafting(0.6, 1, draft_s_per_token=0.0002)
+    knows, assumes_packed = planner(padded).plan(policies, [50, 50]), planner(PACKED).plan(policies, [50, 50])
+    assert knows[0] == assumes_packed[0] and knows[1] > assumes_packed[1] + 2, (knows, assumes_packed)
+    truth = planner(padded)
+    assert truth._rate(policies, knows) > 1.03 * truth._rate(policies, assumes_packed)
+    assert truth.rows([3, 1]) == 8 and planner(PACKED).rows([3, 1]) == 6
+
+
+def test_one_slow_step_does_not_move_the_planners_k():
+    # Costs are medians of recent timings: one step slowed by something else (a collection,
+    # the host busy) must not flip the whole batch to another K, as a running mean did.
+    planner = BatchDraftPlanner()
+    for _ in range(5):
+        for width, seconds in ((1, 0.0059), (2, 0.0060), (3, 0.0063), (4, 0.0065), (5, 0.0068), (6, 0.0071)):
+            planner.observe(8 * width, seconds)
+        for sequences in (1, 8):
+            planner.observe_draft(sequences, rounds=3, seconds=3 * 0.00126)
+    policies = _model_drafting(0.8, 8, draft_s_per_token=0.00016)
+    before = planner.plan(policies, [50] * 8)
+    assert len(set(before)) == 1 and before[0] >= 2
+    planner.observe(8 * (before[0] + 1), 0.012)  # one step of that K at twice its cost
+    planner.observe_draft(8, rounds=1, seconds=0.005)
+    assert planner.plan(policies, [50] * 8) == before

@@ -68,7 +68,22 @@ def test_serving_bench_reports_every_load_point_and_speculative_outputs_match_pl
         assert row["requests"] == 5 and 0 < row["generated_tokens"] <= 50 and row["tokens_per_s"] > 0
         assert row["identical"] == 1.0, row  # each greedy request equals its plain run
         assert row["latency_p50_s"] <= row["latency_p95_s"] and row["ttft_p50_s"] <= row["latency_p95_s"]
-    assert "vs plain" in proc.stdout and "| run |" in (out / "serving.md").read_text()
+        if (row["pattern"], row["concurrency"]) == ("closed", 1):  # one slot, busy at every step
+            assert row["full_tokens"] == row["generated_tokens"] and row["full_tokens_per_s"] > 0
+    assert "vs plain" in proc.stdout and "full vs plain" in proc.stdout and "| run |" in (out / "serving.md").read_text()
+
+
+def test_full_slot_throughput_counts_only_steps_with_every_slot_busy(tiny_model_dir):
+    import specdec
+    from specdec.bench.serving import serve
+
+    engine = specdec.load(target=str(tiny_model_dir), drafter="ngram", device="cpu")
+    prompts = [engine.tokenizer.encode(t) for t in ("the quick brown fox", "def add(a, b):", "one two three")]
+    never_full, _ = serve(engine, prompts[:2], 6, concurrency=3)  # two requests never fill three slots
+    assert never_full.full_tokens == 0 and never_full.full_tokens_per_s is None
+    point, tokens = serve(engine, prompts * 2, 6, concurrency=4)  # six requests: four, then a drain
+    assert 0 < point.full_tokens < point.generated_tokens == sum(map(len, tokens))
+    assert point.full_tokens_per_s > 0
 
 
 @pytest.mark.parametrize("flags", [["--concurrency", "0"], ["--concurrency", "two"], ["--request-rate", "-1"]])

@@ -27,7 +27,7 @@ from .acceptance import Verdict, verify_greedy_batch
 from .draft_length import BatchDraftPlanner
 from .drafters.base import DraftFeed
 from .generation import DraftedStep, Generation, StepOutput
-from .models.base import CausalLM, forward_batch
+from .models.base import CausalLM, batch_layout, forward_batch
 
 log = logging.getLogger("specdec")
 
@@ -44,6 +44,7 @@ class BatchStepper:
         if len(generations) == 1:
             return [_guarded(generations[0].step)]
         began = time.perf_counter()
+        self.planner.layout = batch_layout(self.target)  # set per step: a pool reserved later pads
         joining = not all(g.prefilled for g in generations)  # a prompt runs in this step: not overhead
         ks = self.planner.plan([g.policy for g in generations], [g.draft_budget for g in generations])
         # Drafts are not waited for (timed=False): on a GPU the verify pass is queued behind
@@ -51,20 +52,25 @@ class BatchStepper:
         clock = _DraftClock(self.target.device)
         drafts = self._draft([g.draft_steps(k, timed=False) for g, k in zip(generations, ks)], clock)
         live = [i for i, d in enumerate(drafts) if isinstance(d, DraftedStep)]
-        launched = time.perf_counter()
+        # The verify pass is timed like the drafts: on a GPU by events, so its cost is the
+        # device's and not when the host got round to reading it (which varies by a
+        # millisecond a step); what the host adds goes to the step's overhead.
+        verify_clock = _PassClock(self.target.device)
+        verify_clock.start()
         logits = self._verify([generations[i] for i in live], [drafts[i] for i in live])
+        verify_clock.stop()
         drafts = self._charge(drafts, clock)  # waits for the drafts only
-        started = max(launched, clock.done_at)  # the verify pass runs from here
         verdicts = _greedy_verdicts(generations, drafts, live, logits)
         results: list[StepResult] = list(drafts)  # failures stay as they are
         for i, target_logits in zip(live, logits):
             results[i] = target_logits if isinstance(target_logits, BaseException) else \
                 _guarded(generations[i].conclude, drafts[i], target_logits, None, verdicts.get(i))
         if live and not any(isinstance(results[i], BaseException) for i in live):
-            rows = sum(drafts[i].verify_ids.shape[0] for i in live)
-            self.planner.observe(rows, time.perf_counter() - started)
-            if not joining:  # the host's share of the step: up to its verify, what the drafts did not take
-                self.planner.observe_overhead(started - began - clock.elapsed())
+            rows = self.planner.layout.rows([drafts[i].verify_ids.shape[0] for i in live])
+            verify_s = verify_clock.elapsed()
+            self.planner.observe(rows, verify_s)
+            if not joining:  # the rest of the step: the host's work that no pass hid
+                self.planner.observe_overhead(time.perf_counter() - began - clock.elapsed() - verify_s)
         return results
 
     def _draft(self, steps: list[Generator], clock: "_DraftClock") -> list[DraftedStep | BaseException]:
@@ -131,16 +137,13 @@ class BatchStepper:
         return _one_pass_or_each(self.target, ids, [g.cache for g in generations], [t.shape[0] for t in ids], "verify")
 
 
-class _DraftClock:
-    """How long a step's draft rounds took. On a GPU they run asynchronously: events around
-    them time the device, and waiting for the second lets the verify pass, launched before,
-    run on; the host's own time counts too (a model-free lookup runs there)."""
+class _PassClock:
+    """How long passes took. On a GPU they run asynchronously: events around them time the
+    device, and waiting for the second lets what was launched after it run on; the host's
+    own time counts too (a model-free lookup runs there)."""
 
     def __init__(self, device: torch.device) -> None:
         self._events = device.type == "cuda"
-        self.fed: list[int] = []  # positions each sequence fed
-        self.rounds = self.fed_sequences = self.widest = 0
-        self.done_at = 0.0  # host time when the drafts were known finished
         self._device_s: float | None = None
 
     def start(self) -> None:
@@ -150,8 +153,7 @@ class _DraftClock:
             self._first.record()
 
     def stop(self) -> None:
-        self.done_at = time.perf_counter()
-        self._host_s = self.done_at - self._started
+        self._host_s = time.perf_counter() - self._started
         if self._events:
             self._last = torch.cuda.Event(enable_timing=True)
             self._last.record()
@@ -161,9 +163,17 @@ class _DraftClock:
             return self._host_s
         if self._device_s is None:
             self._last.synchronize()
-            self.done_at = time.perf_counter()
             self._device_s = self._first.elapsed_time(self._last) / 1e3
         return max(self._host_s, self._device_s)
+
+
+class _DraftClock(_PassClock):
+    """How long a step's draft rounds took, and what they fed."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.fed: list[int] = []  # positions each sequence fed
+        self.rounds = self.fed_sequences = self.widest = 0
 
 
 def _one_pass_or_each(model: CausalLM, ids: list[torch.Tensor], caches: list, num_logits: list[int],

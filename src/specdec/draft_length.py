@@ -20,6 +20,10 @@ accepted tokens, which the seed determines.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
+
+from .models.base import PACKED, BatchLayout
 
 MAX_DRAFT_TOKENS = 12
 INITIAL_DRAFT_TOKENS = 4  # until the first costs are measured
@@ -32,6 +36,7 @@ PROBE_BUDGET = 0.03
 # In a batch, a sequence left at k = 0 probes after 8, then 16, 32, 64 more steps: each probe
 # makes its draft catch up on every token since the last, which a busy step cannot hide.
 MAX_PROBE_INTERVAL = 64
+RECENT = 9  # timings per count behind the batch planner's costs (their median)
 PROBE_HOPE = 0.95  # the acceptance a probe could find at best: a text the draft copies
 
 
@@ -194,11 +199,18 @@ class BatchDraftPlanner:
     gets a 1-token probe now and then, less often the longer it stays off (_probe).
     """
 
-    def __init__(self, maximum: int = MAX_DRAFT_TOKENS) -> None:
+    def __init__(self, maximum: int = MAX_DRAFT_TOKENS, layout: BatchLayout = PACKED) -> None:
         self.maximum = maximum
-        self._verify_s: dict[int, float] = {}  # rows in the pass -> smoothed seconds
+        self.layout = layout  # the target's: what rows a pass computes (BatchStepper sets it)
+        # Costs are medians of the last RECENT timings per count, not running means: a batch's
+        # step times have outliers (a collection, a joining request's catch-up, the host busy
+        # when a pass ends), and one that lingers in one count's cost flips the plan to the
+        # next K (on an H100 at load 8, verifying 32 rows read 9.1 ms beside 8.2 for 40).
+        self._verify_s: dict[int, float] = {}  # rows in the pass -> seconds
+        self._verify_recent: dict[int, deque[float]] = {}
         self._overhead_s: float | None = None  # a step's host work outside its passes (observe_overhead)
-        self._round_s: dict[int, float] = {}  # sequences in a draft-model round -> smoothed seconds
+        self._round_s: dict[int, float] = {}  # sequences in a draft-model round -> seconds
+        self._round_recent: dict[int, deque[float]] = {}
         self._steps_off: dict[int, int] = {}  # id(policy) -> consecutive steps with k = 0
         self._probe_at: dict[int, tuple[int, int]] = {}  # id(policy) -> (steps off at next probe, interval)
 
@@ -215,39 +227,46 @@ class BatchDraftPlanner:
             for i in flexible:
                 ks[i] = min(INITIAL_DRAFT_TOKENS, self.maximum, max(0, budgets[i]))
             return ks
-        rows = sum(k + 1 for k in ks)
+        rows = self.rows(ks)
         tokens = sum(policy.expected_tokens(k) for policy, k in zip(policies, ks))  # E(0) = 1: a plain step
         cost = self.step_overhead + self.verify_cost(rows) + sum(
             policy.draft_cost_per_token * k for policy, k in zip(policies, ks))
         while True:
-            extra_row = self.verify_cost(rows + 1) - self.verify_cost(rows)
-            best, best_gain, best_cost = None, 0.0, 0.0
+            # Padded passes: a position below the widest feed is free to verify, one above it
+            # costs a row per sequence; packed ones: a row each.
+            widest = max(ks) + 1
+            added = {True: self.layout.added_rows(len(ks), widest, widest),
+                     False: self.layout.added_rows(len(ks), widest - 1, widest)}
+            added_s = {at: self.verify_cost(rows + n) - self.verify_cost(rows) for at, n in added.items()}
+            best, best_gain, best_cost, best_rows = None, 0.0, 0.0, 0
             for i in flexible:
                 if ks[i] >= min(self.maximum, budgets[i]):
                     continue
+                at_widest = ks[i] + 1 == widest
                 gain = min(policies[i].acceptance, 0.999) ** (ks[i] + 1)
-                extra = extra_row + policies[i].draft_cost_per_token
+                extra = added_s[at_widest] + policies[i].draft_cost_per_token
                 if best is None or gain * best_cost > best_gain * extra:
-                    best, best_gain, best_cost = i, gain, extra
+                    best, best_gain, best_cost, best_rows = i, gain, extra, added[at_widest]
             if best is None or (tokens + best_gain) * cost <= tokens * (cost + best_cost):
                 break
             ks[best] += 1
-            rows, tokens, cost = rows + 1, tokens + best_gain, cost + best_cost
+            rows, tokens, cost = rows + best_rows, tokens + best_gain, cost + best_cost
         if self._round_s and flexible:
             ks = self._best_uniform_plan(policies, ks, budgets, flexible)
         return self._probe(policies, budgets, flexible, ks)
 
-    def _a_row_could_pay(self, policies: list[DraftLengthPolicy], ks: list[int]) -> bool:
-        """Whether one more draft position, accepted with the best acceptance we plan for
-        (PROBE_HOPE), would raise this plan's tokens per second. Until a pass one row longer
-        has been measured it might: extrapolated across loads, a row's cost also carries
-        each sequence's own overhead, and a probe is what measures it."""
-        rows = sum(k + 1 for k in ks)
-        if rows + 1 not in self._verify_s:
+    def _a_row_could_pay(self, policies: list[DraftLengthPolicy], ks: list[int], probed: int) -> bool:
+        """Whether a probe's draft position (sequence `probed`'s), accepted with the best
+        acceptance we plan for (PROBE_HOPE), would raise this plan's tokens per second. Until
+        the pass it makes has been measured it might: extrapolated across loads, a row's cost
+        also carries each sequence's own overhead, and a probe is what measures it."""
+        rows = self.rows(ks)
+        grown = self.rows([k + (i == probed) for i, k in enumerate(ks)])
+        if grown not in self._verify_s:
             return True
         tokens = sum(policy.expected_tokens(k) for policy, k in zip(policies, ks))
         cost = self.plan_cost(policies, ks)
-        extra = self.verify_cost(rows + 1) - self.verify_cost(rows)
+        extra = self.verify_cost(grown) - self.verify_cost(rows)
         return PROBE_HOPE * cost > tokens * extra
 
     def _best_uniform_plan(self, policies: list[DraftLengthPolicy], ks: list[int], budgets: list[int],
@@ -281,7 +300,11 @@ class BatchDraftPlanner:
             draft = sum(self.round_cost(sum(1 for k in drafting if k >= r)) for r in range(1, max(drafting, default=0) + 1))
         else:
             draft = sum(policy.draft_cost_per_token * k for policy, k in zip(policies, ks))
-        return self.step_overhead + self.verify_cost(sum(k + 1 for k in ks)) + draft
+        return self.step_overhead + self.verify_cost(self.rows(ks)) + draft
+
+    def rows(self, ks: list[int]) -> int:
+        """Rows of the verify pass for these draft lengths, as the target lays them out."""
+        return self.layout.rows([k + 1 for k in ks])
 
     def observe_overhead(self, seconds: float) -> None:
         """A step's time outside its verify pass and draft rounds: the host's work between a
@@ -299,7 +322,7 @@ class BatchDraftPlanner:
         took `seconds` in all."""
         if rounds and sequences:
             key = max(1, round(sequences))
-            self._round_s[key] = _smoothed(self._round_s.get(key), seconds / rounds)
+            self._round_s[key] = _recent_median(self._round_recent, key, seconds / rounds)
 
     def round_cost(self, sequences: int) -> float:
         """Seconds of a draft round feeding this many sequences. Beyond the largest count
@@ -327,7 +350,7 @@ class BatchDraftPlanner:
             at, interval = self._probe_at.get(key, (PROBE_EVERY, PROBE_EVERY))
             due = budgets[i] > 0 and off >= at
             if due and hopeless is None:
-                hopeless = not self._a_row_could_pay(policies, ks)
+                hopeless = not self._a_row_could_pay(policies, ks, i)
             if due and not hopeless:
                 ks[i] = 1
                 interval = min(2 * interval, MAX_PROBE_INTERVAL)
@@ -336,7 +359,7 @@ class BatchDraftPlanner:
         return ks
 
     def observe(self, rows: int, seconds: float) -> None:
-        self._verify_s[rows] = _smoothed(self._verify_s.get(rows), seconds)
+        self._verify_s[rows] = _recent_median(self._verify_recent, rows, seconds)
 
     def verify_cost(self, rows: int) -> float:
         return _interpolated(self._verify_s, rows)
@@ -366,6 +389,12 @@ def _slope(table: dict[int, float]) -> float:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
     return max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
+
+
+def _recent_median(recent: dict[int, deque[float]], key: int, seconds: float) -> float:
+    timings = recent.setdefault(key, deque(maxlen=RECENT))
+    timings.append(seconds)
+    return statistics.median(timings)
 
 
 def _smoothed(old: float | None, new: float, weight: float = 0.3) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import platform
 import shlex
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -144,7 +145,6 @@ def _measured_costs(engine, runs, prompt) -> dict:
 
 def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     import json
-    import statistics
 
     from ..batching import BatchStepper
     from .runner import _encode
@@ -175,12 +175,14 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
                                       args.seed, steppers[name])
                 points[name].append(point)
                 outputs.setdefault(name, tokens)
-        plain = statistics.median(p.tokens_per_s for p in points["plain"])
+        plain, plain_full = _median(points["plain"], "tokens_per_s"), _median(points["plain"], "full_tokens_per_s")
         for name, _ in runs:
-            # Throughput: the median of the repeats; the other columns: the repeat nearest to it.
-            throughput = statistics.median(p.tokens_per_s for p in points[name])
+            # Throughputs: the medians of the repeats; the other columns: the repeat nearest to it.
+            throughput, full = _median(points[name], "tokens_per_s"), _median(points[name], "full_tokens_per_s")
             nearest = min(points[name], key=lambda p: abs(p.tokens_per_s - throughput))
-            row = nearest.to_dict() | {"run": name, "tokens_per_s": throughput, "throughput_ratio": throughput / plain}
+            row = nearest.to_dict() | {"run": name, "tokens_per_s": throughput, "throughput_ratio": throughput / plain,
+                                       "full_tokens_per_s": full,
+                                       "full_ratio": full / plain_full if full and plain_full else None}
             if args.temperature == 0:
                 same = [a == b for a, b in zip(outputs[name], outputs["plain"])]
                 row["identical"] = sum(same) / len(same)
@@ -197,11 +199,18 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     (out_dir / "serving.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     (out_dir / "serving.md").write_text(
         f"# Serving benchmark\n\n{config['machine']}, {config['date']}\n\n`{config['command']}`\n\n"
-        f"Throughput is the median of {args.repeats} runs; ratios are against plain decoding at the same load.\n\n"
+        f"Throughput is the median of {args.repeats} runs; ratios are against plain decoding at the same load. "
+        "'full' counts only the steps that ran with every slot busy (closed loop: without the start and the "
+        "drain).\n\n"
         + serving_table(rows, markdown=True) + "\n")
     print(serving_table(rows))
     print(f"\nreport: {out_dir / 'serving.md'}", file=sys.stderr)
     return 0
+
+
+def _median(points: list, field: str) -> float | None:
+    values = [getattr(p, field) for p in points if getattr(p, field) is not None]
+    return statistics.median(values) if values else None
 
 
 def _parse_numbers(text: str, kind, flag: str) -> list:

@@ -5,8 +5,10 @@ The loop is the server's (server/scheduler.py) without HTTP: requests arrive, at
 and waiting ones join between steps. Two arrival patterns:
   closed loop  `concurrency` requests in flight at all times (each finished one is replaced);
   open loop    requests arrive at random (Poisson) times at `rate` per second, seeded.
-Reported per configuration: throughput (generated tokens per second of wall time), per-request
-latency and time to first token (p50, p95; closed loop: from the request's admission, as its
+Reported per configuration: throughput (generated tokens per second of wall time), and the same over
+only the steps that ran with every slot busy (the steady state a loaded server runs in: a short closed
+loop also holds its start, where requests arrive together, and its drain, where the last ones finish
+with slots idle, and speculation staggers finishes so its drain is longer), per-request latency and time to first token (p50, p95; closed loop: from the request's admission, as its
 client sent it then; open loop: from its arrival, so queueing counts), acceptance, and whether
 each greedy output equals the plain run's output for the same request.
 Pass one `stepper` per engine across runs, as a server keeps one: its k planner has learnt
@@ -37,6 +39,8 @@ class ServingPoint:
     generated_tokens: int
     wall_s: float
     tokens_per_s: float
+    full_tokens: int  # generated in steps with `concurrency` requests in flight
+    full_tokens_per_s: float | None  # over those steps' wall time; None where no step was full
     latency_p50_s: float
     latency_p95_s: float
     ttft_p50_s: float
@@ -70,8 +74,9 @@ def serve(engine: Engine, prompts: list[list[int]], max_new_tokens: int, concurr
     waiting, running = list(range(len(requests))), []  # running: (index, generation, started offset)
     outputs: dict[int, Any] = {}
     first_token: dict[int, float] = {}
-    drafted_steps = drafted = accepted = 0
-    began = time.perf_counter()
+    drafted_steps = drafted = accepted = full_tokens = 0
+    full_s = 0.0
+    began = last_step = time.perf_counter()
     while waiting or running:
         now = time.perf_counter() - began
         while waiting and len(running) < concurrency and requests[waiting[0]].arrival_s <= now:
@@ -83,9 +88,15 @@ def serve(engine: Engine, prompts: list[list[int]], max_new_tokens: int, concurr
             running.append((i, start(i, requests[i].prompt_ids, params)))
         if not running:  # open loop, idle until the next arrival
             time.sleep(max(0.0, requests[waiting[0]].arrival_s - now))
+            last_step = time.perf_counter()  # idle time is no step's
             continue
         results = stepper.step([g for _, g in running])
-        done_at = time.perf_counter() - began
+        ended = time.perf_counter()
+        done_at = ended - began
+        if len(running) == concurrency:  # the step's time counts from the last one's end: admissions too
+            full_s += ended - last_step
+            full_tokens += sum(len(r.token_ids) for r in results if not isinstance(r, BaseException))
+        last_step = ended
         for (i, generation), result in zip(running, results):
             if isinstance(result, BaseException):
                 raise result
@@ -106,6 +117,7 @@ def serve(engine: Engine, prompts: list[list[int]], max_new_tokens: int, concurr
     point = ServingPoint(
         run="", pattern="closed" if rate is None else "open", concurrency=concurrency, rate=rate,
         requests=len(requests), generated_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
+        full_tokens=full_tokens, full_tokens_per_s=full_tokens / full_s if full_tokens else None,
         latency_p50_s=_quantile(latencies, 0.5), latency_p95_s=_quantile(latencies, 0.95),
         ttft_p50_s=_quantile(ttfts, 0.5), ttft_p95_s=_quantile(ttfts, 0.95),
         acceptance_rate=accepted / drafted if drafted else None,
@@ -132,6 +144,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 COLUMNS = [("run", "run", "{}"), ("pattern", "load", "{}"), ("concurrency", "conc", "{}"), ("rate", "req/s", "{:g}"),
            ("requests", "requests", "{}"), ("tokens_per_s", "tok/s", "{:.1f}"), ("throughput_ratio", "vs plain", "{:.2f}x"),
+           ("full_tokens_per_s", "full tok/s", "{:.1f}"), ("full_ratio", "full vs plain", "{:.2f}x"),
            ("latency_p50_s", "lat p50 s", "{:.2f}"), ("latency_p95_s", "lat p95 s", "{:.2f}"),
            ("ttft_p50_s", "ttft p50 s", "{:.2f}"), ("ttft_p95_s", "ttft p95 s", "{:.2f}"),
            ("acceptance_rate", "accept", "{:.0%}"), ("mean_draft_tokens", "k/step", "{:.1f}"),

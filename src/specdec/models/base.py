@@ -1,7 +1,8 @@
 """The interface the engine needs from a model: forward over new tokens into a KV cache, and rewind."""
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -35,6 +36,36 @@ class CausalLM(Protocol):
 
     def rewind(self, cache: Any, length: int) -> None:
         """Forget every cached position at or after `length`."""
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The rows a model's batched pass computes for feeds of given widths: what a verify pass
+    costs is a function of these rows, not of the tokens fed. Packed (llama.cpp, the compact
+    decoder): the sum of the widths. Padded (the GPU's batched graphs): every feed padded to
+    the widest, and the sequences to the graph's batch size (`padded_batch(n)`), so a draft
+    position below the widest costs the pass nothing and one above it costs a row per sequence."""
+
+    padded_batch: Callable[[int], int] | None = None  # None: packed
+
+    def rows(self, widths: list[int]) -> int:
+        if self.padded_batch is None or not widths:
+            return sum(widths)
+        return self.padded_batch(len(widths)) * max(widths)
+
+    def added_rows(self, sequences: int, width: int, widest: int) -> int:
+        """Rows one more token adds to a feed of `width` among `sequences` whose widest is `widest`."""
+        if self.padded_batch is None:
+            return 1
+        return self.padded_batch(sequences) if width >= widest else 0
+
+
+PACKED = BatchLayout()
+
+
+def batch_layout(model: Any) -> BatchLayout:
+    """How `model` lays out a batched pass (models that do not say pack theirs)."""
+    return getattr(model, "batch_layout", PACKED)
 
 
 def forward_batch(model: CausalLM, token_ids: list[torch.Tensor], caches: list[Any],

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gpu_kernels
-from .base import pinned
+from .base import PACKED, BatchLayout, pinned
 from .compact_decoder import PREFILL_CHUNK, CompactDecoder, _cos_sin, _Layer, _linear, _mask, _rotate
 
 log = logging.getLogger("specdec")
@@ -220,6 +220,14 @@ class GraphDecoder(CompactDecoder):
             for i, rows in zip(part, logits):
                 results[i] = rows
         return results
+
+    @property
+    def batch_layout(self) -> BatchLayout:
+        """Pooled batches run as graphs padded to the widest feed and to a power-of-two batch
+        size (per MAX_GRAPH_BATCH sequences); without them, CompactDecoder's packed pass."""
+        if not self.kernels or self._pool is None:
+            return PACKED
+        return BatchLayout(padded_batch=_graph_batch_rows)
 
     def _batched_step(self, token_ids: list[torch.Tensor], caches: list[StaticCache],
                       num_logits: list[int]) -> list[torch.Tensor]:
@@ -581,6 +589,13 @@ class GraphDecoder(CompactDecoder):
         if cache.length + n > self.capacity:
             raise ValueError(f"the static cache holds {self.capacity} positions; "
                              f"{cache.length} + {n} do not fit")
+
+
+def _graph_batch_rows(sequences: int) -> int:
+    """The batch size the graphs run `sequences` at: chunks of MAX_GRAPH_BATCH, each padded
+    to a power of two (as forward_batch and _batched_step split and pad them)."""
+    full, rest = divmod(sequences, MAX_GRAPH_BATCH)
+    return full * MAX_GRAPH_BATCH + (1 << (rest - 1).bit_length() if rest else 0)
 
 
 class _BatchStep:
