@@ -70,6 +70,58 @@ def test_q8_0_head_refuses_shapes_it_does_not_take():
     assert library.q8_0_head(blocks.ctypes.data, 4, 48, x.ctypes.data, 1, y.ctypes.data, 1) == -1  # K % 32
 
 
+def q6_k_matrix(rows: int, hidden: int, seed: int = 0) -> np.ndarray:
+    """A random Q6_K matrix in GGUF's layout: per 256 values, 128 bytes of low nibbles, 64 of
+    high bit pairs, 16 int8 scales and a float16 scale (210 bytes)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, hidden // 256, 210), dtype=np.uint8)
+    blocks[:, :, 192:208] = rng.integers(-128, 128, (rows, hidden // 256, 16)).astype(np.int8).view(np.uint8)
+    scales = rng.uniform(1e-3, 2e-2, (rows, hidden // 256)).astype(np.float16)
+    blocks[:, :, 208:] = scales[..., None].view(np.uint8).reshape(rows, hidden // 256, 2)
+    return blocks
+
+
+def reference_q6_k_head(blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """llama.cpp's arithmetic for a Q6_K head, written out: activations to Q8_K (per 256,
+    -127 / the value of largest magnitude, round half to even, at most 127), weights from
+    gguf's own dequantization, an exact dot per super-block, scaled by both scales."""
+    import gguf
+
+    rows, nb, _ = blocks.shape
+    weights = gguf.dequantize(blocks.reshape(rows, -1), gguf.GGMLQuantizationType.Q6_K).astype(np.float64)
+    xb = x.reshape(len(x), nb, 256).astype(np.float32)
+    largest = np.take_along_axis(xb, np.abs(xb).argmax(-1)[..., None], -1)[..., 0]
+    iscale = np.where(largest != 0, np.float32(-127) / np.where(largest != 0, largest, 1), 0).astype(np.float32)
+    xq = np.minimum(np.rint(xb * iscale[..., None]), 127)
+    x_scale = np.where(iscale != 0, np.float32(1) / np.where(iscale != 0, iscale, 1), 0).astype(np.float32)
+    return np.einsum("rk,ck->cr", weights, (xq * x_scale[..., None].astype(np.float64)).reshape(len(x), -1))
+
+
+needs_q6_k = pytest.mark.skipif(library is None or not library.q6_k_head_vectorized(),
+                                reason="the native Q6_K head product is not built here")
+
+
+@needs_q6_k
+@pytest.mark.parametrize("positions", [1, 2, 5, 9])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_q6_k_head_equals_llama_cpp_arithmetic(positions, rows):
+    blocks = q6_k_matrix(rows, 512, seed=rows)
+    x = (np.random.default_rng(positions).standard_normal((positions, 512)) * 4).astype(np.float32)
+    x[0, :256] = 0.0  # an all-zero super-block: scale 0, no division by it
+    y = np.full((positions, rows), np.nan, np.float32)
+    assert library.q6_k_head(blocks.ctypes.data, rows, 512, x.ctypes.data, positions, y.ctypes.data, 2) == 0
+    expected = reference_q6_k_head(blocks, x)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@needs_q6_k
+def test_q6_k_head_refuses_shapes_it_does_not_take():
+    blocks = q6_k_matrix(4, 256)
+    x, y = np.zeros((65, 256), np.float32), np.zeros((65, 4), np.float32)
+    assert library.q6_k_head(blocks.ctypes.data, 4, 256, x.ctypes.data, 65, y.ctypes.data, 1) == -1
+    assert library.q6_k_head(blocks.ctypes.data, 4, 128, x.ctypes.data, 1, y.ctypes.data, 1) == -1  # K % 256
+
+
 # ---- on the real embedded GGUF ------------------------------------------------------------
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -139,7 +191,7 @@ def test_split_head_can_be_turned_off(gguf_path, monkeypatch):
     assert llama_cpp_head.split_head_for(gguf_path) is None
 
 
-def test_split_is_refused_for_a_head_that_is_not_q8_0(tmp_path):
+def test_split_is_refused_for_a_head_it_has_no_product_for(tmp_path):
     """A GGUF whose head is another type keeps llama.cpp's own head, and says why."""
     import gguf
 
@@ -152,5 +204,5 @@ def test_split_is_refused_for_a_head_that_is_not_q8_0(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     record = llama_cpp_head._derive(source, tmp_path / "derived")
-    assert record["usable"] is False and "F32" in record["reason"]
+    assert record["usable"] is False and "F32" in record["reason"] and "Q6_K" in record["reason"]
     assert not (tmp_path / "derived" / "body.gguf").exists()

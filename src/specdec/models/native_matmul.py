@@ -25,7 +25,8 @@ from .cache_dir import cache_root
 
 log = logging.getLogger("specdec")
 
-SOURCES = [Path(__file__).with_name("native") / name for name in ("few_rows.c", "one_row_step.c", "q8_0_head.c")]
+SOURCES = [Path(__file__).with_name("native") / name for name in ("few_rows.c", "one_row_step.c", "q8_0_head.c",
+                                                                       "q6_k_head.c")]
 _library: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
@@ -84,6 +85,9 @@ def _build_and_load() -> ctypes.CDLL | None:
     lib.q8_0_head.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int]
     lib.q8_0_head.restype = ctypes.c_int
     lib.q8_0_head_vectorized.argtypes, lib.q8_0_head_vectorized.restype = [], ctypes.c_int
+    lib.q6_k_head.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int]
+    lib.q6_k_head.restype = ctypes.c_int
+    lib.q6_k_head_vectorized.argtypes, lib.q6_k_head_vectorized.restype = [], ctypes.c_int
     if not lib.few_rows_vectorized():
         log.info("the native CPU kernels were built without AVX2/FMA: using PyTorch's products")
         return None
