@@ -27,6 +27,7 @@ log = logging.getLogger("specdec")
 
 SOURCES = [Path(__file__).with_name("native") / name for name in ("few_rows.c", "one_row_step.c", "q8_0_head.c",
                                                                        "q6_k_head.c")]
+HEADERS = [Path(__file__).with_name("native") / "simd_common.h"]
 _library: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
@@ -51,7 +52,8 @@ def _build_and_load() -> ctypes.CDLL | None:
         log.info("no C compiler found: CPU few-row products use PyTorch's (slower for 2-16 rows)")
         return None
     # -march=native code runs only where it was built: the key names the CPU, not just the source.
-    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + _cpu_identity()).hexdigest()[:16]
+    code = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
+    key = hashlib.sha256(code + _cpu_identity()).hexdigest()[:16]
     built = cache_root() / "native" / f"few_rows-{key}.so"
     if not built.exists():
         built.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "simd_common.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -28,13 +29,6 @@ static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
 
 static inline __m256 load_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 #endif
 
@@ -48,6 +42,7 @@ static inline float hsum(__m256 v) {
  * waited on L2. Qwen2.5 1.5B's 151936 x 1536 head, float32, 8 rows: 83 ms untiled in pairs,
  * 57 tiled in pairs, 46 tiled in threes (one row: 32). The threes' accumulators live in `acc`
  * between tiles. */
+
 #define COL_TILE 256
 #define GROUP_ROWS 16 /* activation rows whose accumulators `acc` holds at once */
 #define FEW_ROWS_BODY(WT, LOAD8, SCALAR, SCALE)                                                \

@@ -27,6 +27,8 @@
 #include <immintrin.h>
 #endif
 
+#include "simd_common.h"
+
 #define QK_K 256
 #define Q6_BYTES 210
 #define MAX_POSITIONS 64
@@ -36,18 +38,6 @@ typedef struct {
     int8_t qs[QK_K];
     int16_t bsums[QK_K / 16];
 } q8_k;
-
-static inline float f16_to_f32(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, sizeof h);
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    _Float16 v;
-    memcpy(&v, &h, sizeof v);
-    return (float)v;
-#endif
-}
 
 /* ggml's nearest_int: round half to even through the float's mantissa. */
 static inline int nearest_int(float f) {
@@ -84,12 +74,6 @@ static void quantize_q8_k(const float *x, int64_t K, q8_k *y) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define Q6_HEAD_VECTORIZED 1
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 /* The 256 weights of a super-block as unsigned bytes q (0..63), in order, 32 a vector; and
  * each vector's two group scales as 16 int16 (8 of each, matching maddubs' pairs). */
@@ -188,12 +172,8 @@ int q6_k_head(const uint8_t *W, int64_t rows, int64_t K, const float *X, int64_t
     for (int64_t c = 0; c < n; c++) quantize_q8_k(X + c * K, K, a + c * nb);
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        int64_t begin = 0, end = rows;
-#ifdef _OPENMP
-        const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
-        begin = rows * part / parts;
-        end = rows * (part + 1) / parts;
-#endif
+        int64_t begin, end;
+        thread_rows(rows, &begin, &end);
         head_rows(W, begin, end, K, a, n, Y, rows);
     }
     free(a);

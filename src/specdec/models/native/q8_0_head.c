@@ -26,23 +26,13 @@
 #include <immintrin.h>
 #endif
 
+#include "simd_common.h"
+
 #define QK 32
 #define BLOCK_BYTES 34
 #define MAX_POSITIONS 64
 #define GROUP 4        /* positions per pass over a pair of rows: 2 x 4 accumulators, no spills */
 #define PREFETCH 1024  /* bytes ahead; 512 and 2048 were 40 % slower for one position */
-
-static inline float f16_to_f32(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, sizeof h);
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    _Float16 v;
-    memcpy(&v, &h, sizeof v);
-    return (float)v;
-#endif
-}
 
 static inline float round_to_f16(float x) {
 #if defined(__F16C__)
@@ -75,12 +65,6 @@ static inline __m256i lanes_of_four(__m256i w, __m256i a, __m256i start) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)),
                              _mm256_set1_epi16(1));
 #endif
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 #define Q8_HEAD_VECTORIZED 1
@@ -161,15 +145,10 @@ int q8_0_head(const uint8_t *W, int64_t rows, int64_t K, const float *X, int64_t
         const int8_t *a = aq + lane * 4;
         start[lane] = -128 * (a[0] + a[1] + a[2] + a[3]);
     }
-    /* One contiguous run of rows per thread: each streams its part of the matrix in order. */
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        int64_t begin = 0, end = rows;
-#ifdef _OPENMP
-        const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
-        begin = rows * part / parts;
-        end = rows * (part + 1) / parts;
-#endif
+        int64_t begin, end;
+        thread_rows(rows, &begin, &end);
         head_rows(W, begin, end, K, aq, ad, start, n, Y, rows);
     }
     free(aq);
