@@ -176,7 +176,11 @@ class BatchDraftPlanner:
     to a pass over every sequence, and on a busy pass a row costs real compute. So k is
     chosen for the batch as a whole, to maximise expected tokens per second of the step:
 
-        rate = sum_i E_i(k_i) / (T_verify(rows) + sum_i k_i * T_draft_i),  rows = sum_i (k_i + 1)
+        rate = sum_i E_i(k_i) / (T_verify(rows) + sum_i k_i * T_draft_i)
+
+    where rows are what the target's pass computes for feeds of k_i + 1 tokens (`layout`):
+    their sum where it packs them (llama.cpp, the compact decoder), the batch times the widest
+    where it pads them (the GPU's batched graphs).
 
     Draft positions are added one at a time, each to the sequence whose next position
     gains most per second of cost (sequence i's (k_i+1)-th draft adds a_i^(k_i+1) expected
