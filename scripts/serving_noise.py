@@ -1,6 +1,9 @@
 """Control for `bench --serve` on CPU: plain decoding against itself (two identical runs, interleaved,
 medians of 3), to size this machine's run-to-run noise. Usage: python scripts/serving_noise.py OUT.json"""
-import json, statistics, sys
+import json
+import statistics
+import sys
+
 import specdec
 from specdec.batching import BatchStepper
 from specdec.bench.serving import serve
