@@ -5,12 +5,13 @@ The loop is the server's (server/scheduler.py) without HTTP: requests arrive, at
 and waiting ones join between steps. Two arrival patterns:
   closed loop  `concurrency` requests in flight at all times (each finished one is replaced);
   open loop    requests arrive at random (Poisson) times at `rate` per second, seeded.
-Reported per configuration: throughput (generated tokens per second of wall time), and the same over
-only the steps that ran with every slot busy (the steady state a loaded server runs in: a short closed
-loop also holds its start, where requests arrive together, and its drain, where the last ones finish
-with slots idle, and speculation staggers finishes so its drain is longer), per-request latency and time to first token (p50, p95; closed loop: from the request's admission, as its
-client sent it then; open loop: from its arrival, so queueing counts), acceptance, and whether
-each greedy output equals the plain run's output for the same request.
+Reported per configuration: throughput (generated tokens per second of wall time), and the same
+over only the steps that ran with every slot busy (the steady state a loaded server runs in: a
+short closed loop also holds its start, where requests arrive together, and its drain, where the
+last ones finish with slots idle; speculation staggers finishes, so its drain is longer);
+per-request latency and time to first token (p50, p95; closed loop: from the request's admission,
+as its client sent it then; open loop: from its arrival, so queueing counts), acceptance, and
+whether each greedy output equals the plain run's output for the same request.
 Pass one `stepper` per engine across runs, as a server keeps one: its k planner has learnt
 the verify pass's costs.
 """
