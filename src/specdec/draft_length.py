@@ -241,7 +241,9 @@ class BatchDraftPlanner:
             widest = max(ks) + 1
             added = {True: self.layout.added_rows(len(ks), widest, widest),
                      False: self.layout.added_rows(len(ks), widest - 1, widest)}
-            added_s = {at: self.verify_cost(rows + n) - self.verify_cost(rows) for at, n in added.items()}
+            now = self.verify_cost(rows)
+            row_s = {n: self.verify_cost(rows + n) - now for n in set(added.values())}
+            added_s = {at: row_s[n] for at, n in added.items()}
             best, best_gain, best_cost, best_rows = None, 0.0, 0.0, 0
             for i in flexible:
                 if ks[i] >= min(self.maximum, budgets[i]):

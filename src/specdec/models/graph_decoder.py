@@ -164,7 +164,7 @@ class GraphDecoder(CompactDecoder):
                           for i in reversed(range(count)))
         if not self.kernels:  # batches then take the packed pass over the pooled slots
             return
-        largest = 1 << (min(count, MAX_GRAPH_BATCH) - 1).bit_length()
+        largest = _graph_batch_size(min(count, MAX_GRAPH_BATCH))
         self._logits_buffer = torch.empty(largest * GRAPH_MAX_TOKENS, self._head.shape[0], dtype=torch.float32,
                                           device=self.device)
         if self._graphs:
@@ -225,9 +225,7 @@ class GraphDecoder(CompactDecoder):
     def batch_layout(self) -> BatchLayout:
         """Pooled batches run as graphs padded to the widest feed and to a power-of-two batch
         size (per MAX_GRAPH_BATCH sequences); without them, CompactDecoder's packed pass."""
-        if not self.kernels or self._pool is None:
-            return PACKED
-        return BatchLayout(padded_batch=_graph_batch_rows)
+        return PACKED if not self.kernels or self._pool is None else _PADDED
 
     def _batched_step(self, token_ids: list[torch.Tensor], caches: list[StaticCache],
                       num_logits: list[int]) -> list[torch.Tensor]:
@@ -236,7 +234,7 @@ class GraphDecoder(CompactDecoder):
         for cache, n in zip(caches, sizes):
             self._check_room(cache, n)
         count = len(caches)
-        step = self._batch_step(1 << (count - 1).bit_length(), width)
+        step = self._batch_step(_graph_batch_size(count), width)
         padding = step.size - count
         # One host tensor, one copy (each copy is a launch the GPU may wait on): where each
         # token goes in the padded feed, the slots and starts of the batch (padding sequences:
@@ -463,18 +461,14 @@ class GraphDecoder(CompactDecoder):
         _attend_static): grouped-query attention under a mask has no fused kernel, nor has a
         3-D input, and the fall-back runs in float32 (a 255-token 8B prompt spent 7 of its 18 ms
         there; 10.6 ms in all since)."""
-        n, d, kv = qkv.shape[0], self._head_dim, self._kv_heads
+        n, d = qkv.shape[0], self._head_dim
         q = _rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin).to(self.dtype)
         # Four dimensions throughout: PyTorch's fused kernels take no other shape.
         if mask is None:  # the flash kernel takes grouped heads
             out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True,
                                                  scale=layer.scaling, enable_gqa=True)[0]
         else:
-            group = self._heads // kv
-            grouped = q.view(n, kv, group, d).permute(1, 2, 0, 3).reshape(kv, group * n, d)
-            out = F.scaled_dot_product_attention(grouped[None], keys[None], values[None], attn_mask=mask,
-                                                 scale=layer.scaling)
-            out = out.reshape(self._heads, n, d)  # head j * group + g: as transformers repeats them
+            out = self._grouped_attention(q, keys, values, layer, mask)
         return out.transpose(0, 1).reshape(n, self._heads * d)
 
     def _fused_prompt(self, token_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
@@ -578,6 +572,13 @@ class GraphDecoder(CompactDecoder):
         keys, values = cache.keys[index], cache.values[index]
         keys.index_copy_(1, start, k.transpose(0, 1).to(self.dtype))
         values.index_copy_(1, start, v.transpose(0, 1).to(self.dtype))
+        return self._grouped_attention(q, keys, values, layer, mask)
+
+    def _grouped_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: _Layer,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """Queries [n, heads, d] over keys and values [kv_heads, positions, d] under
+        _grouped_mask's mask -> [heads, n, d]: the query heads sharing a key/value head are
+        stacked as rows of it, so that grouped-query attention under a mask is one fused kernel."""
         n, kv, d = q.shape[0], self._kv_heads, self._head_dim
         group = self._heads // kv
         grouped = q.to(self.dtype).view(n, kv, group, d).permute(1, 2, 0, 3).reshape(kv, group * n, d)
@@ -591,11 +592,20 @@ class GraphDecoder(CompactDecoder):
                              f"{cache.length} + {n} do not fit")
 
 
+def _graph_batch_size(sequences: int) -> int:
+    """The captured batch size that runs this many sequences (at most MAX_GRAPH_BATCH): the
+    next power of two."""
+    return 1 << (sequences - 1).bit_length()
+
+
 def _graph_batch_rows(sequences: int) -> int:
     """The batch size the graphs run `sequences` at: chunks of MAX_GRAPH_BATCH, each padded
     to a power of two (as forward_batch and _batched_step split and pad them)."""
     full, rest = divmod(sequences, MAX_GRAPH_BATCH)
-    return full * MAX_GRAPH_BATCH + (1 << (rest - 1).bit_length() if rest else 0)
+    return full * MAX_GRAPH_BATCH + (_graph_batch_size(rest) if rest else 0)
+
+
+_PADDED = BatchLayout(padded_batch=_graph_batch_rows)
 
 
 class _BatchStep:

@@ -20,8 +20,8 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
