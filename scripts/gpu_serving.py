@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print where the host's time goes in each measured run")
     parser.add_argument("--gaps", action="store_true", help="print where the GPU idles in each measured run")
     parser.add_argument("--host", action="store_true", help="print the host's time between a step's launches")
+    parser.add_argument("--steps", action="store_true",
+                        help="print the step times of steps with and without a joining request")
+    parser.add_argument("--prompts-apart", action="store_true",
+                        help="read each joining prompt in a pass of its own, as before prompts joined the verify pass")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     vocab, prompt_len, new_tokens = 128256, 256, (32 if args.quick else 128)
@@ -93,9 +97,12 @@ def main() -> None:
         out = Generation(target, None, p, SamplingParams(max_new_tokens=new_tokens, num_draft_tokens=0), None).run()
         references.append(p + out.token_ids)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "alpha": args.alpha,
+              "prompts_in_verify": not args.prompts_apart,
               "new_tokens": new_tokens, "prompt_tokens": prompt_len,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "reserve_s": reserve_s, "rows": []}
-    steppers = {"plain": BatchStepper(target), "speculative": BatchStepper(target)}
+    fused = not args.prompts_apart
+    steppers = {"plain": BatchStepper(target, prompts_in_verify=fused),
+                "speculative": BatchStepper(target, prompts_in_verify=fused)}
     engine = Engine(target, drafter="none")
     for c in loads:
         n = max(8, args.per_slot * c)
@@ -112,6 +119,11 @@ def main() -> None:
             return serve(engine, batch, tokens, c, stepper=steppers[name], start=start)
 
         def measured(name):
+            if args.steps:
+                with StepTimes(steppers[name]) as times:
+                    result = run(name, prompts, new_tokens)
+                print(f"--- c={c} {name}: {result[0].tokens_per_s:.0f} tok/s; " + times.report(), flush=True)
+                return result
             if args.host:
                 with HostTimeline(target) as timeline:
                     result = run(name, prompts, new_tokens)
@@ -147,6 +159,38 @@ def main() -> None:
               f"{spec[0].full_tokens_per_s:.0f} tok/s, {row['full_ratio']:.2f}x; acceptance {spec[0].acceptance_rate or 0:.0%}, "
               f"k/step {spec[0].mean_draft_tokens:.1f}, identical {row['identical']})", flush=True)
         (OUT / "gpu_serving.json").write_text(json.dumps(report, indent=2))
+
+
+class StepTimes:
+    """Each batched step's wall time, by how many of its requests read their prompt in it."""
+
+    def __init__(self, stepper) -> None:
+        self.stepper, self.steps = stepper, []  # (joining, sequences, seconds)
+
+    def __enter__(self) -> "StepTimes":
+        step = self._step = self.stepper.step
+
+        def timed(generations):
+            joining = sum(not g.prefilled for g in generations)
+            began = time.perf_counter()
+            out = step(generations)
+            self.steps.append((joining, len(generations), time.perf_counter() - began))
+            return out
+        self.stepper.step = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stepper.step = self._step
+
+    def report(self) -> str:
+        import statistics
+        parts = []
+        for label, keep in (("no join", lambda j: j == 0), ("1 join", lambda j: j == 1), ("2+ joins", lambda j: j > 1)):
+            times = [s for j, _, s in self.steps if keep(j)]
+            if times:
+                parts.append(f"{label}: {len(times)} steps, median {1e3 * statistics.median(times):.2f} ms, "
+                             f"{sum(times):.3f} s in all")
+        return "; ".join(parts)
 
 
 class HostTimeline:

@@ -149,6 +149,63 @@ def test_draft_passes_of_a_batch_run_together(models):
     assert passes == [len(PROMPTS)] * 3  # k = 3 rounds, each one pass over all six sequences
 
 
+def _count_target_passes(target) -> tuple[list[int], list[list[int]]]:
+    """Spy on the target's real passes: prompts read on their own, and batched passes' feed widths."""
+    prompt_passes, batch_passes = [], []
+    prefill, forward_batch = target.prefill, target.forward_batch
+    target.prefill = lambda ids, cache: prompt_passes.append(ids.shape[0]) or prefill(ids, cache)
+    target.forward_batch = lambda ids, caches, n: batch_passes.append([t.shape[0] for t in ids]) or forward_batch(
+        ids, caches, n)
+    return prompt_passes, batch_passes
+
+
+def _run_joining(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+    """The first two requests start together; each later one joins the running batch a step later."""
+    stepper, waiting = BatchStepper(engine.target), list(requests)
+    running = [engine.start(*waiting.pop(0)), engine.start(*waiting.pop(0))]
+    everyone = list(running)
+    while running:
+        assert not any(isinstance(r, BaseException) for r in stepper.step(running))
+        running = [g for g in running if not g.finished]
+        if waiting:
+            running.append(engine.start(*waiting.pop(0)))
+            everyone.append(running[-1])
+    return [g.output().token_ids for g in everyone]
+
+
+def test_a_joining_request_reads_its_prompt_in_the_batchs_verify_pass(models):
+    # Its prompt's rows join the running sequences' verify pass: the weights are read once for
+    # both, instead of the batch waiting on a pass for the prompt first.
+    target = compact(models["llama"])
+    engine = Engine(target, drafter="model", draft_model=compact(models["draft"]))
+    prompt_passes, batch_passes = _count_target_passes(target)
+    requests = [(prompt, SamplingParams(max_new_tokens=10, num_draft_tokens=2)) for prompt in PROMPTS[:4]]
+    outputs = _run_joining(engine, requests)
+    assert prompt_passes == []
+    assert batch_passes[0] == [len(PROMPTS[0]) + 2, len(PROMPTS[1]) + 2]  # both prompts, and their drafts
+    assert batch_passes[1] == [3, 3, len(PROMPTS[2]) + 2]  # a running pair's [last, d1, d2] and a new prompt
+    for (prompt, params), out in zip(requests, outputs):
+        assert out == engine.start(prompt, params).run().token_ids
+
+
+def test_long_prompts_and_self_drafts_have_their_prompt_read_before_the_step(models, monkeypatch):
+    # A self-draft copies the prompt from the target's cache, so the target reads it first; a
+    # prompt over the limit gets a pass of its own (a packed pass takes at most 1024 rows).
+    import specdec.generation as generation
+    target = compact(models["llama"])
+    requests = [(prompt, SamplingParams(max_new_tokens=8, num_draft_tokens=2)) for prompt in PROMPTS[1:4]]
+    self_draft = Engine(target, drafter="model", draft_model=compact(models["llama"]))
+    prompt_passes, _ = _count_target_passes(target)
+    outputs = _run_joining(self_draft, requests)
+    assert prompt_passes == [len(p) - 1 for p, _ in requests]
+    for (prompt, params), out in zip(requests, outputs):
+        assert out == self_draft.start(prompt, params).run().token_ids
+    monkeypatch.setattr(generation, "PROMPT_IN_VERIFY_MAX", len(PROMPTS[3]) - 1)
+    prompt_passes.clear()
+    _run_joining(Engine(target, drafter="model", draft_model=compact(models["draft"])), requests)
+    assert prompt_passes == [len(PROMPTS[3]) - 1]
+
+
 class _BadDrafter:
     """Proposes a token id outside the vocabulary: the shared pass fails on it."""
 

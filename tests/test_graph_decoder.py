@@ -266,3 +266,28 @@ def test_pooled_sequences_joining_and_leaving_a_batch_keep_their_own_greedy_toke
     outputs = sorted((g.output().token_ids for g in finished.values()), key=len)
     assert outputs == sorted(plain, key=len)
     assert batched._batch_steps
+
+
+@pytest.mark.skipif(not gpu_kernels.available(), reason="needs Triton")
+def test_prompts_joining_a_pooled_batch_share_its_pass_and_give_each_sequence_its_own_logits():
+    alone, batched = _fused_pair(sequences=4)
+    ids = torch.randint(3, tiny.VOCAB, (4, 60), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    mine, theirs = [alone.new_cache() for _ in range(4)], [batched.new_cache() for _ in range(4)]
+    for i, n in enumerate((7, 12)):  # two running sequences; two new ones bring their prompts
+        alone.prefill(ids[i, :n], mine[i])
+        batched.prefill(ids[i, :n], theirs[i])
+    alone_passes = []  # sequences that ran a pass of their own
+    forward = batched.forward
+    batched.forward = lambda *args: alone_passes.append(1) or forward(*args)
+    # a prompt wider than a graph step, a running sequence's k+1, another prompt, a single token
+    feeds = [(2, 0, GRAPH_MAX_TOKENS + 20), (0, 7, 3), (3, 0, GRAPH_MAX_TOKENS + 3), (1, 12, 1)]
+    for round_ in range(2):  # then every sequence steps on from where the shared pass left it
+        expected = [alone.forward(ids[i, a : a + n], mine[i], min(n, 3)) for i, a, n in feeds]
+        got = batched.forward_batch([ids[i, a : a + n] for i, a, n in feeds], [theirs[i] for i, _, _ in feeds],
+                                    [min(n, 3) for _, _, n in feeds])
+        for e, g in zip(expected, got):
+            assert g.shape == e.shape and float((e - g).abs().max()) < 1e-4
+        assert [theirs[i].length for i, _, _ in feeds] == [mine[i].length for i, _, _ in feeds]
+        if round_ == 0:
+            assert not alone_passes  # the prompts and the batch: one pass
+            feeds = [(i, mine[i].length, n) for i, n in ((2, 2), (0, 4), (3, 1), (1, 3))]

@@ -10,6 +10,9 @@
            the greedy ones' verdicts are read from the device together (one sync a step).
 
 Sequences join and leave between steps: the caller passes whichever generations are running.
+A joining sequence's prompt is read at the head of its verify feed, in the shared pass: the
+running sequences' step reads the weights once for both (a packed pass takes ragged rows; the
+GPU graphs' decoder runs that step as one eager pass).
 A lone generation takes its own `step()`, so concurrency 1 costs what a single request costs.
 One request's failure (in its draft, or in the shared pass) is returned for that request
 only; the others go on.
@@ -35,9 +38,14 @@ StepResult = StepOutput | BaseException
 
 
 class BatchStepper:
-    def __init__(self, target: CausalLM, planner: BatchDraftPlanner | None = None) -> None:
+    def __init__(self, target: CausalLM, planner: BatchDraftPlanner | None = None,
+                 prompts_in_verify: bool = True) -> None:
+        """prompts_in_verify: a joining request's prompt is read in the step's shared verify
+        pass (Generation.draft_steps), not by a pass of its own that the batch waits for; off,
+        for comparison only."""
         self.target = target
         self.planner = planner or BatchDraftPlanner()
+        self.prompts_in_verify = prompts_in_verify
 
     def step(self, generations: list[Generation]) -> list[StepResult]:
         """One step of each generation, in order: its output, or the exception that ended it."""
@@ -45,12 +53,13 @@ class BatchStepper:
             return [_guarded(generations[0].step)]
         began = time.perf_counter()
         self.planner.layout = batch_layout(self.target)  # set per step: a pool reserved later pads
-        joining = not all(g.prefilled for g in generations)  # a prompt runs in this step: not overhead
+        joining = not all(g.prefilled for g in generations)  # a prompt is read in this step
         ks = self.planner.plan([g.policy for g in generations], [g.draft_budget for g in generations])
         # Drafts are not waited for (timed=False): on a GPU the verify pass is queued behind
         # them while they run, and the clock times them on the device.
         clock = _DraftClock(self.target.device)
-        drafts = self._draft([g.draft_steps(k, timed=False) for g, k in zip(generations, ks)], clock)
+        drafts = self._draft([g.draft_steps(k, timed=False, prompt_in_verify=self.prompts_in_verify)
+                              for g, k in zip(generations, ks)], clock)
         live = [i for i, d in enumerate(drafts) if isinstance(d, DraftedStep)]
         # The verify pass is timed like the drafts: on a GPU by events, so its cost is the
         # device's and not when the host got round to reading it (which varies by a
@@ -65,12 +74,13 @@ class BatchStepper:
         for i, target_logits in zip(live, logits):
             results[i] = target_logits if isinstance(target_logits, BaseException) else \
                 _guarded(generations[i].conclude, drafts[i], target_logits, None, verdicts.get(i))
-        if live and not any(isinstance(results[i], BaseException) for i in live):
+        # A step with a new request's prompt in it (in its verify pass, or before) teaches
+        # neither what verifying drafts costs nor the host's share of a step.
+        if live and not joining and not any(isinstance(results[i], BaseException) for i in live):
             rows = self.planner.layout.rows([drafts[i].verify_ids.shape[0] for i in live])
             verify_s = verify_clock.elapsed()
             self.planner.observe(rows, verify_s)
-            if not joining:  # the rest of the step: the host's work that no pass hid
-                self.planner.observe_overhead(time.perf_counter() - began - clock.elapsed() - verify_s)
+            self.planner.observe_overhead(time.perf_counter() - began - clock.elapsed() - verify_s)
         return results
 
     def _draft(self, steps: list[Generator], clock: "_DraftClock") -> list[DraftedStep | BaseException]:
@@ -133,8 +143,8 @@ class BatchStepper:
         """Each sequence's target logits [k_i + 1, vocab], from one pass when it succeeds."""
         if not generations:
             return []
-        ids = [d.verify_ids for d in drafts]
-        return _one_pass_or_each(self.target, ids, [g.cache for g in generations], [t.shape[0] for t in ids], "verify")
+        return _one_pass_or_each(self.target, [d.verify_ids for d in drafts], [g.cache for g in generations],
+                                 [d.num_logits for d in drafts], "verify")
 
 
 class _PassClock:

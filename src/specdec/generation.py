@@ -30,6 +30,12 @@ from .stats import DRAFT, TARGET, GenerationStats
 from .text_stream import TextStream
 
 
+# Longest prompt that a batch's joining request reads inside the shared verify pass. With its
+# drafts it stays within what one packed pass takes (compact_decoder.PREFILL_CHUNK, 1024); a
+# longer prompt costs far more than the step it would save, and takes a pass of its own.
+PROMPT_IN_VERIFY_MAX = 512
+
+
 @dataclass
 class StepOutput:
     token_ids: list[int]  # tokens this step added to the output
@@ -41,8 +47,13 @@ class StepOutput:
 @dataclass(frozen=True)
 class DraftedStep:
     proposal: DraftProposal
-    verify_ids: torch.Tensor  # [k+1]: the last accepted token, then the k drafts
+    verify_ids: torch.Tensor  # [k+1]: the last accepted token, then the k drafts (a prompt read in the verify: all of it)
     draft_s: float  # seconds the proposal took
+
+    @property
+    def num_logits(self) -> int:
+        """The verify pass's positions whose logits the verdict reads: the last token's and the drafts'."""
+        return self.proposal.tokens.shape[0] + 1
 
 
 @dataclass
@@ -90,6 +101,11 @@ class Generation:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.finished = False
         self._started: float | None = None
+        self._prompt_unread = False  # the prompt is read by this step's verify pass (a batch's joiner)
+        # A self-draft copies the prompt from the target's cache instead of reading it: there
+        # the target must have read it before the draft.
+        self._prompt_may_join_verify = (len(prompt_ids) <= PROMPT_IN_VERIFY_MAX
+                                        and not getattr(drafter, "reads_target_cache", False))
         adaptive = params.num_draft_tokens is None and drafter is not None and not reproducible
         self._synchronize = torch.cuda.synchronize if adaptive and target.device.type == "cuda" else None
         # Plain greedy decoding on a model that chains its steps on the device (GPU graphs).
@@ -103,7 +119,7 @@ class Generation:
             return self._chained_step()
         draft = self.draft()
         started = time.perf_counter()
-        target_logits = self.target.forward(draft.verify_ids, self.cache, num_logits=draft.verify_ids.shape[0])
+        target_logits = self.target.forward(draft.verify_ids, self.cache, num_logits=draft.num_logits)
         return self.conclude(draft, target_logits, started)
 
     def draft(self, k: int | None = None) -> "DraftedStep":
@@ -111,13 +127,21 @@ class Generation:
         target must verify: a batch (batching.py) verifies many sequences in one pass."""
         return run_alone(self.draft_steps(k))
 
-    def draft_steps(self, k: int | None = None, timed: bool = True) -> Generator[DraftFeed, torch.Tensor, "DraftedStep"]:
+    def draft_steps(self, k: int | None = None, timed: bool = True,
+                    prompt_in_verify: bool = False) -> Generator[DraftFeed, torch.Tensor, "DraftedStep"]:
         """`draft` as steps: yields each draft-model pass it needs (a batch feeds many at once).
-        timed=False: a GPU draft is not waited for to time it (a batch times its drafts itself)."""
+        timed=False: a GPU draft is not waited for to time it (a batch times its drafts itself).
+        prompt_in_verify: a new request's prompt is not read by a pass of its own but at the
+        head of its first verify feed, which a batch runs in its shared pass (so the others'
+        step reads the weights once, not twice); prompts over PROMPT_IN_VERIFY_MAX tokens, and
+        those a self-draft copies from the target's cache, are read on their own as before."""
         if self.finished:
             raise RuntimeError("generation already finished")
         if self._started is None:
-            self._prefill()
+            if prompt_in_verify and self._prompt_may_join_verify:
+                self._started, self._prompt_unread = time.perf_counter(), True
+            else:
+                self._prefill()
         if self._chain is not None:  # a batch drives this chained generation now (batching.py)
             self._unchain()
         started = time.perf_counter()
@@ -126,10 +150,10 @@ class Generation:
             self._synchronize()
         # Draft tokens stay where the drafter made them: a GPU draft is not waited for here.
         device = proposal.tokens.device
-        last = self.tokens[self.length - 1 : self.length]
+        unread = self.tokens[0 if self._prompt_unread else self.length - 1 : self.length]
         if device.type == "cuda":  # queued behind the drafts, not waited for
-            last = pinned(last).to(device, non_blocking=True)
-        verify_ids = torch.cat([last, proposal.tokens])  # [k+1]
+            unread = pinned(unread).to(device, non_blocking=True)
+        verify_ids = torch.cat([unread, proposal.tokens])  # [k+1], or the prompt's length + k
         return DraftedStep(proposal, verify_ids, time.perf_counter() - started)
 
     def conclude(self, draft: "DraftedStep", target_logits: torch.Tensor,
@@ -216,6 +240,9 @@ class Generation:
     def _commit(self, proposal: DraftProposal, verdict: Verdict, draft_s: float, verify_s: float | None) -> None:
         # The cache now holds [.., last, d1..dk]; keep [.., last, d1..dn].
         self.target.rewind(self.cache, self.length + verdict.num_accepted)
+        if self._prompt_unread:  # read in this step's shared pass: the prompt took this step
+            self._prompt_unread = False
+            self.stats.prefill_time_s = time.perf_counter() - self._started
         num_drafted = proposal.tokens.shape[0]
         if self.drafter is not None and num_drafted:
             self.drafter.observe(verdict.num_accepted)

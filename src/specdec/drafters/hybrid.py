@@ -36,6 +36,10 @@ class HybridDrafter(SteppedDrafter):
         if share is not None:
             share(target, target_cache)
 
+    @property
+    def reads_target_cache(self) -> bool:
+        return getattr(self.model_drafter, "reads_target_cache", False)
+
     def release(self) -> None:
         release_drafter(self.model_drafter)
 

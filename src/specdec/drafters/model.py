@@ -36,6 +36,12 @@ class ModelDrafter(SteppedDrafter):
         if renders is not None and renders(target):
             self._context_source = (target, target_cache)
 
+    @property
+    def reads_target_cache(self) -> bool:
+        """Whether proposals copy context from the target's cache (so the target reads a
+        prompt before the first draft)."""
+        return self._context_source is not None
+
     def proposal_steps(
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> ProposalSteps:

@@ -302,7 +302,7 @@ class CompactDecoder:
         # A sequence's first draft feed is its context, on the host; later ones are the device's own picks.
         hidden = self.embedding(torch.cat([t.to(self.device) for t in token_ids])).float()  # [sum n_i, hidden]
         positions = torch.cat([segment.positions for segment in segments])
-        rotary = [_cos_sin(positions, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
+        rotary = self._rotary(positions)
 
         def attend(layer: _Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             parts = zip(segments, q.split(sizes), k.split(sizes), v.split(sizes))
@@ -313,6 +313,10 @@ class CompactDecoder:
         for cache, n in zip(caches, sizes):
             cache.length += n
         return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
+
+    def _rotary(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) [n, 1, d] at float positions, per rotary table (Gemma's local and global layers differ)."""
+        return [_cos_sin(positions, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
 
     def _segment(self, cache: CompactCache, n: int) -> "_Segment":
         """One sequence's part of a pass: its positions, and attention over its own cache."""
