@@ -144,6 +144,23 @@ def test_llama_cpp_forward_batch_gives_each_sequence_its_own_logits(engine):
             assert int(logits[row].argmax()) == int(alone.argmax()) or float(top2[0] - top2[1]) < 0.5
 
 
+def test_a_batch_on_llama_cpp_reads_each_joining_prompt_in_a_pass_of_its_own(engine):
+    # llama.cpp's mixed batch (a prompt beside others' rows) cost more than the prompt apart
+    # plus the batch (models.base.reads_prompts_in_batches), so its joiners prefill first.
+    from specdec.batching import BatchStepper
+    model = engine.target
+    prompts = [engine.encode(p) for p in PROMPTS]
+    prefills = []
+    prefill = model.prefill
+    model.prefill = lambda ids, cache: prefills.append(ids.shape[0]) or prefill(ids, cache)
+    try:
+        generations = [engine.start(ids, SamplingParams(max_new_tokens=3)) for ids in prompts]
+        BatchStepper(model).step(generations)
+    finally:
+        del model.prefill
+    assert prefills == [len(ids) - 1 for ids in prompts]
+
+
 @pytest.mark.slow
 def test_llama_cpp_speculative_sampling_follows_its_plain_law(engine):
     """Sampling on the default backend (the split head's logits, n-gram drafts, the rejection

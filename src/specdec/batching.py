@@ -10,9 +10,10 @@
            the greedy ones' verdicts are read from the device together (one sync a step).
 
 Sequences join and leave between steps: the caller passes whichever generations are running.
-A joining sequence's prompt is read at the head of its verify feed, in the shared pass: the
-running sequences' step reads the weights once for both (a packed pass takes ragged rows; the
-GPU graphs' decoder runs that step as one eager pass).
+A joining sequence's prompt is read at the head of its verify feed, in the shared pass, where
+the target's batched pass makes that cheaper than a pass of its own (the compact decoder's
+packed pass, the GPU's join graphs; not llama.cpp's): the running sequences' step then reads
+the weights once for both.
 A lone generation takes its own `step()`, so concurrency 1 costs what a single request costs.
 One request's failure (in its draft, or in the shared pass) is returned for that request
 only; the others go on.
@@ -30,7 +31,7 @@ from .acceptance import Verdict, verify_greedy_batch
 from .draft_length import BatchDraftPlanner
 from .drafters.base import DraftFeed
 from .generation import DraftedStep, Generation, StepOutput
-from .models.base import CausalLM, batch_layout, forward_batch
+from .models.base import CausalLM, batch_layout, forward_batch, reads_prompts_in_batches
 
 log = logging.getLogger("specdec")
 
@@ -41,8 +42,9 @@ class BatchStepper:
     def __init__(self, target: CausalLM, planner: BatchDraftPlanner | None = None,
                  prompts_in_verify: bool = True) -> None:
         """prompts_in_verify: a joining request's prompt is read in the step's shared verify
-        pass (Generation.draft_steps), not by a pass of its own that the batch waits for; off,
-        for comparison only."""
+        pass (Generation.draft_steps), not by a pass of its own that the batch waits for, where
+        the target's batched pass does that for less (models.base.reads_prompts_in_batches);
+        off, for comparison only."""
         self.target = target
         self.planner = planner or BatchDraftPlanner()
         self.prompts_in_verify = prompts_in_verify
@@ -58,7 +60,8 @@ class BatchStepper:
         # Drafts are not waited for (timed=False): on a GPU the verify pass is queued behind
         # them while they run, and the clock times them on the device.
         clock = _DraftClock(self.target.device)
-        drafts = self._draft([g.draft_steps(k, timed=False, prompt_in_verify=self.prompts_in_verify)
+        in_verify = self.prompts_in_verify and reads_prompts_in_batches(self.target)
+        drafts = self._draft([g.draft_steps(k, timed=False, prompt_in_verify=in_verify)
                               for g, k in zip(generations, ks)], clock)
         live = [i for i, d in enumerate(drafts) if isinstance(d, DraftedStep)]
         # The verify pass is timed like the drafts: on a GPU by events, so its cost is the

@@ -142,6 +142,8 @@ class CompactCache:
 class CompactDecoder:
     """`CausalLM` over a `transformers` decoder's weights (shared where dtypes match)."""
 
+    prompts_join_batches = True  # its packed pass reads a joining prompt for less (base.reads_prompts_in_batches)
+
     def __init__(self, model: nn.Module, name: str, dtype: torch.dtype, eos_token_ids: set[int],
                  vocab_size: int, output_token_ids: torch.Tensor | None = None, int8_weights: bool = False) -> None:
         """dtype: the activations', the KV cache's and (unless int8_weights) the weights' dtype."""

@@ -59,6 +59,8 @@ class SequenceSlot:
 
 
 class LlamaCppCausalLM:
+    prompts_join_batches = False  # a prompt in a mixed batch costs more than apart (base.reads_prompts_in_batches)
+
     def __init__(self, path: str | Path, name: str | None = None, n_ctx: int = 8192, max_sequences: int = 32,
                  n_threads: int | None = None, n_batch: int = 512, split_head: SplitHead | bool | None = None) -> None:
         """split_head: None uses the checked split where there is one, False never, a SplitHead this one."""
