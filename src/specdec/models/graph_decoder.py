@@ -288,22 +288,27 @@ class GraphDecoder(CompactDecoder):
     def _batch_step(self, size: int, width: int) -> "_BatchStep":
         step = self._batch_steps.get((size, width))
         if step is None:
-            step = _BatchStep(size, width, self.device)
-            step.slots.fill_(self._pool.spare)  # capture warm-ups write into the spare slot only
-
-            def body() -> None:
+            def logits(step: _BatchStep) -> torch.Tensor:
                 # Into one buffer that every batched step shares: a graph's own output would
                 # stay allocated for the life of the graph, ~4 GB over all shapes for an 8B model.
-                logits = self._logits(self._batched_body(step))
-                step.output = self._logits_buffer[: logits.shape[0]]
-                step.output.copy_(logits)
-            if self._graphs:
-                graph = self._captured(body)
-                step.run = graph.replay
-                step.graph = graph
-            else:
-                step.run = body
-            self._batch_steps[(size, width)] = step
+                rows = self._logits(self._batched_body(step))
+                return self._logits_buffer[: rows.shape[0]].copy_(rows)
+            step = self._batch_steps[(size, width)] = self._step_shape(size, width, logits)
+        return step
+
+    def _step_shape(self, size: int, width: int, output) -> "_BatchStep":
+        """A step shape over the pool: its inputs, and `run`, which sets step.output to
+        output(step): the captured graph's replay on CUDA, the body itself elsewhere."""
+        step = _BatchStep(size, width, self.device)
+        step.slots.fill_(self._pool.spare)  # capture warm-ups write into the spare slot only
+
+        def body() -> None:
+            step.output = output(step)
+        if self._graphs:
+            step.graph = self._captured(body)
+            step.run = step.graph.replay
+        else:
+            step.run = body
         return step
 
     def _batched_body(self, step: "_BatchStep") -> torch.Tensor:
@@ -432,17 +437,7 @@ class GraphDecoder(CompactDecoder):
         with attention in PyTorch's kernel over the slot's cache under a causal mask."""
         step = self._prompt_steps.get((width, 1))
         if step is None:
-            step = _BatchStep(1, width, self.device)
-            step.slots.fill_(self._pool.spare)
-
-            def body() -> None:
-                step.output = self._prompt_body(step)
-            if self._graphs:
-                step.graph = self._captured(body)
-                step.run = step.graph.replay
-            else:
-                step.run = body
-            self._prompt_steps[(width, 1)] = step
+            step = self._prompt_steps[(width, 1)] = self._step_shape(1, width, self._prompt_body)
         return step
 
     def _prompt_body(self, step: "_BatchStep") -> torch.Tensor:
@@ -559,17 +554,7 @@ class GraphDecoder(CompactDecoder):
         its output: the final hidden states, normed (logits are computed for the rows kept only)."""
         step = self._join_steps.get(pieces)
         if step is None:
-            step = _BatchStep(pieces, JOIN_PIECE, self.device)
-            step.slots.fill_(self._pool.spare)
-
-            def body() -> None:
-                step.output = self._batched_body(step)
-            if self._graphs:
-                step.graph = self._captured(body)
-                step.run = step.graph.replay
-            else:
-                step.run = body
-            self._join_steps[pieces] = step
+            step = self._join_steps[pieces] = self._step_shape(pieces, JOIN_PIECE, self._batched_body)
         return step
 
     def _static_body(self, token_ids: torch.Tensor, slot: _Slot) -> torch.Tensor:
