@@ -247,33 +247,40 @@ class GraphDecoder(CompactDecoder):
         width = max(sizes)
         for cache, n in zip(caches, sizes):
             self._check_room(cache, n)
-        count = len(caches)
-        step = self._batch_step(_graph_batch_size(count), width)
-        padding = step.size - count
-        # One host tensor, one copy (each copy is a launch the GPU may wait on): where each
-        # token goes in the padded feed, the slots and starts of the batch (padding sequences:
-        # the spare slot, from position 0), the rows whose logits are kept, then the tokens
-        # that are on the host. Tokens already on the device follow those.
+        step = self._batch_step(_graph_batch_size(len(caches)), width)
+        keep = self._run_step(step, token_ids, [b * width for b in range(len(caches))],
+                              [c.slot.index for c in caches], [c.length for c in caches], num_logits)
+        for cache, n in zip(caches, sizes):
+            cache.length += n
+        # index_select copies: the next batched step overwrites the buffer they share.
+        return list(step.output.index_select(0, keep).split(num_logits))
+
+    def _run_step(self, step: "_BatchStep", token_ids: list[torch.Tensor], first_rows: list[int], slots: list[int],
+                  starts: list[int], num_logits: list[int]) -> torch.Tensor:
+        """Set a step's inputs and run it: feed b's tokens go to rows first_rows[b].., each of
+        the step's sequences (padding ones: the spare slot, from position 0) reads `slots` and
+        `starts`. Returns the rows whose logits are kept (each feed's last num_logits[b]), on
+        the device. One host tensor, one copy (each copy is a launch the GPU may wait on):
+        where each token goes, the slots, the starts, the kept rows, then the tokens that are
+        on the host; tokens already on the device follow those."""
+        padding, size = step.size - len(slots), step.size
         on_host = [b for b, t in enumerate(token_ids) if t.device.type == "cpu"]
         order = on_host + [b for b, t in enumerate(token_ids) if t.device.type != "cpu"]
-        where = [b * width + i for b in order for i in range(sizes[b])]
-        keep = [b * width + n - m + j for b, (n, m) in enumerate(zip(sizes, num_logits)) for j in range(m)]
-        header = [*where, *(c.slot.index for c in caches), *[self._pool.spare] * padding,
-                  *(c.length for c in caches), *[0] * padding, *keep]
+        where = [first_rows[b] + i for b in order for i in range(token_ids[b].shape[0])]
+        keep = [first_rows[b] + t.shape[0] - m + j for b, (t, m) in enumerate(zip(token_ids, num_logits))
+                for j in range(m)]
+        header = [*where, *slots, *[self._pool.spare] * padding, *starts, *[0] * padding, *keep]
         meta = self._on_device(torch.cat([torch.tensor(header, dtype=torch.long),
                                           *(token_ids[b].long() for b in on_host)]))
-        fed, size = len(where), step.size
+        fed = len(where)
         tokens = meta[len(header) :]
-        if len(on_host) < count:
-            tokens = torch.cat([tokens, *(token_ids[b] for b in order[len(on_host) :])])
+        if len(on_host) < len(token_ids):
+            tokens = torch.cat([tokens, *(token_ids[b].long() for b in order[len(on_host) :])])
         step.tokens.index_copy_(0, meta[:fed], tokens)
         step.slots.copy_(meta[fed : fed + size])
         step.starts.copy_(meta[fed + size : fed + 2 * size])
         step.run()
-        for cache, n in zip(caches, sizes):
-            cache.length += n
-        # index_select copies: the next batched step overwrites the buffer they share.
-        return list(step.output.index_select(0, meta[fed + 2 * size : len(header)]).split(num_logits))
+        return meta[fed + 2 * size : len(header)]
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Host tensors are queued for the device, not waited for (see base.pinned)."""
@@ -520,33 +527,16 @@ class GraphDecoder(CompactDecoder):
         for i, n in zip(feeds, sizes):
             self._check_room(caches[i], _pieces(n) * JOIN_PIECE)
         firsts = list(accumulate([0] + [_pieces(n) for n in sizes]))  # each feed's first piece
-        used = firsts[-1]
-        step = self._join_step(-(-used // JOIN_PIECES_STEP) * JOIN_PIECES_STEP)
-        padding = step.size - used
-        # As _batched_step: one host tensor, one copy. Token t of a feed is row
-        # first_piece * JOIN_PIECE + t; padding pieces write into the spare slot.
-        on_host = [b for b, i in enumerate(feeds) if token_ids[i].device.type == "cpu"]
-        order = on_host + [b for b, i in enumerate(feeds) if token_ids[i].device.type != "cpu"]
-        where = [firsts[b] * JOIN_PIECE + t for b in order for t in range(sizes[b])]
+        step = self._join_step(-(-firsts[-1] // JOIN_PIECES_STEP) * JOIN_PIECES_STEP)
+        # Token t of a feed is row first_piece * JOIN_PIECE + t; each piece reads its feed's slot.
         counts = [firsts[b + 1] - firsts[b] for b in range(len(feeds))]
         slots = [caches[i].slot.index for i, count in zip(feeds, counts) for _ in range(count)]
         starts = [caches[i].length + JOIN_PIECE * p for i, count in zip(feeds, counts) for p in range(count)]
-        keep = [firsts[b] * JOIN_PIECE + n - num_logits[i] + j for b, (i, n) in enumerate(zip(feeds, sizes))
-                for j in range(num_logits[i])]
-        header = [*where, *slots, *[self._pool.spare] * padding, *starts, *[0] * padding, *keep]
-        meta = self._on_device(torch.cat([torch.tensor(header, dtype=torch.long),
-                                          *(token_ids[feeds[b]].long() for b in on_host)]))
-        fed, size = len(where), step.size
-        tokens = meta[len(header) :]
-        if len(on_host) < len(feeds):
-            tokens = torch.cat([tokens, *(token_ids[feeds[b]].long() for b in order[len(on_host) :])])
-        step.tokens.index_copy_(0, meta[:fed], tokens)
-        step.slots.copy_(meta[fed : fed + size])
-        step.starts.copy_(meta[fed + size : fed + 2 * size])
-        step.run()
+        keep = self._run_step(step, [token_ids[i] for i in feeds], [f * JOIN_PIECE for f in firsts[:-1]], slots,
+                              starts, [num_logits[i] for i in feeds])
         for i, n in zip(feeds, sizes):
             caches[i].length += n
-        logits = self._logits(step.output.index_select(0, meta[fed + 2 * size : len(header)]))
+        logits = self._logits(step.output.index_select(0, keep))
         return list(logits.split([num_logits[i] for i in feeds]))
 
     def _join_step(self, pieces: int) -> "_BatchStep":
