@@ -73,6 +73,29 @@ def test_serving_bench_reports_every_load_point_and_speculative_outputs_match_pl
     assert "vs plain" in proc.stdout and "full vs plain" in proc.stdout and "| run |" in (out / "serving.md").read_text()
 
 
+def test_serving_bench_control_reruns_plain_and_each_repeat_is_paired_with_a_plain_run(tiny_model_dir, tmp_path):
+    out, workload = tmp_path / "serve", tmp_path / "w.jsonl"
+    workload.write_text('{"prompt": "the quick brown fox jumps over the lazy dog the quick"}\n'
+                        '{"prompt": "one two three one two three one two"}\n')
+    proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--serve", "--target", str(tiny_model_dir),
+                           "--drafter", "ngram", "--workload", str(workload), "--max-new-tokens", "8",
+                           "--repeats", "2", "--concurrency", "2", "--control", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["run"]: r for r in json.loads((out / "serving.json").read_text())["rows"]}
+    assert set(rows) == {"plain", "ngram", "plain-again"}
+    assert rows["plain-again"]["identical"] == 1.0 and rows["plain-again"]["mean_draft_tokens"] == 0
+    # Plain decoding verifies one position per token; a draft adds the positions it rejects.
+    assert rows["plain"]["target_positions_per_token"] == rows["plain-again"]["target_positions_per_token"] == 1.0
+    assert rows["ngram"]["target_positions_per_token"] >= 1.0
+    for name in ("ngram", "plain-again"):
+        row = rows[name]
+        low, high = map(float, row["ratio_range"].split("-"))
+        assert len(row["paired_ratios"]) == 2 and (low, high) == tuple(round(r, 2) for r in sorted(row["paired_ratios"]))
+        assert low - 0.005 <= row["throughput_ratio"] <= high + 0.005  # two repeats: their ratio of sums lies between
+    assert rows["plain"]["ratio_range"] is None and "rows/tok" in proc.stdout and "range" in proc.stdout
+
+
 def test_full_slot_throughput_counts_only_steps_with_every_slot_busy(tiny_model_dir):
     import specdec
     from specdec.bench.serving import serve

@@ -40,6 +40,9 @@ def add_bench_parser(sub) -> None:
                    help="serving mode, open loop: Poisson arrivals per second, comma-separated (e.g. 0.5,1,2)")
     p.add_argument("--requests", type=int,
                    help="serving mode: requests per load point (default: 2 x concurrency, at least 8)")
+    p.add_argument("--control", action="store_true",
+                   help="serving mode: run plain decoding twice ('plain-again'), interleaved with the others: "
+                        "its ratio to plain sizes this machine's run-to-run noise")
     p.add_argument("--out", help="output directory (default: bench-out/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
@@ -145,6 +148,7 @@ def _measured_costs(engine, runs, prompt) -> dict:
 
 def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     import json
+    import random
 
     from ..batching import BatchStepper
     from .runner import _encode
@@ -155,6 +159,8 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     loads += [(max(c for c, _ in loads), r) for r in rates]
     encoded = [_encode(engine, p) for p in prompts]
     runs = [("plain", engine.with_drafter("none"))] + variants
+    if args.control:
+        runs.append(("plain-again", engine.with_drafter("none")))
     for _, variant in runs:  # as `specdec serve` does for its --max-concurrency
         variant.reserve_sequences(max(c for c, _ in loads))
     # One stepper per run for the whole bench, as a running server keeps one (its k planner
@@ -163,14 +169,17 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     warm = [encoded[i % len(encoded)] for i in range(max(c for c, _ in loads))]
     for name, variant in runs:
         serve(variant, warm, min(16, args.max_new_tokens), len(warm), stepper=steppers[name])
+    order = random.Random(args.seed)
     rows = []
     for concurrency, rate in loads:
         count = args.requests or max(8, 2 * concurrency)
         batch = [encoded[i % len(encoded)] for i in range(count)]
         points: dict[str, list] = {name: [] for name, _ in runs}
         outputs: dict[str, list] = {}
-        for repeat in range(args.repeats):  # runs interleaved: drifts in machine speed hit all alike
-            for name, variant in runs:
+        for repeat in range(args.repeats):
+            # Runs interleaved, in a fresh order each repeat: drifts in machine speed hit all
+            # alike, and no run always follows the same one.
+            for name, variant in order.sample(runs, len(runs)):
                 point, tokens = serve(variant, batch, args.max_new_tokens, concurrency, rate, args.temperature,
                                       args.seed, steppers[name])
                 points[name].append(point)
@@ -180,8 +189,12 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
             # Throughputs: the medians of the repeats; the other columns: the repeat nearest to it.
             throughput, full = _median(points[name], "tokens_per_s"), _median(points[name], "full_tokens_per_s")
             nearest = min(points[name], key=lambda p: abs(p.tokens_per_s - throughput))
+            # Each repeat's ratio against the plain run beside it: their spread is the noise.
+            paired = [p.tokens_per_s / q.tokens_per_s for p, q in zip(points[name], points["plain"])]
             row = nearest.to_dict() | {"run": name, "tokens_per_s": throughput, "throughput_ratio": throughput / plain,
-                                       "full_tokens_per_s": full,
+                                       "ratio_range": f"{min(paired):.2f}-{max(paired):.2f}"
+                                       if name != "plain" and len(paired) > 1 else None,
+                                       "paired_ratios": paired, "full_tokens_per_s": full,
                                        "full_ratio": full / plain_full if full and plain_full else None}
             if args.temperature == 0:
                 same = [a == b for a, b in zip(outputs[name], outputs["plain"])]
@@ -199,9 +212,11 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     (out_dir / "serving.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     (out_dir / "serving.md").write_text(
         f"# Serving benchmark\n\n{config['machine']}, {config['date']}\n\n`{config['command']}`\n\n"
-        f"Throughput is the median of {args.repeats} runs; ratios are against plain decoding at the same load. "
-        "'full' counts only the steps that ran with every slot busy (closed loop: without the start and the "
-        "drain).\n\n"
+        f"Throughput is the median of {args.repeats} runs, interleaved; 'vs plain' is its ratio to plain "
+        "decoding's at the same load, and 'range' the lowest and highest of the repeats' ratios to the plain run "
+        "beside them. 'plain-again' (--control) is plain decoding run a second time: its ratio is the machine's "
+        "noise. 'full' counts only the steps that ran with every slot busy (closed loop: without the start and "
+        "the drain). 'rows/tok' is the positions the target verified per generated token (plain: 1.00).\n\n"
         + serving_table(rows, markdown=True) + "\n")
     print(serving_table(rows))
     print(f"\nreport: {out_dir / 'serving.md'}", file=sys.stderr)
