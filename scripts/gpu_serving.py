@@ -5,6 +5,8 @@ synthetic acceptance alpha (drafters/synthetic.py: each request's own plain gree
 each token replaced at rate 1 - alpha, the 1B draft's passes paid for real). Closed loop at each
 concurrency: requests run through batching.BatchStepper as the server runs them; throughput,
 latency p50/p95, acceptance; and whether every speculative output equals its plain output.
+--request-rate R,..: open loop too, Poisson arrivals at R requests/s (seeded, the same for plain
+and speculative), at most the largest concurrency in flight: latency and TTFT at a given load.
 
 Usage (device tool): PYTHONPATH=src python3 scripts/gpu_serving.py [--quick]; writes $OUT/gpu_serving.json
 """
@@ -43,6 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--concurrency", default="1,2,4,8,16,32")
+    parser.add_argument("--request-rate", default="", help="open loop: Poisson arrivals per second, comma-separated")
+    parser.add_argument("--open-requests", type=int, default=96, help="requests per open-loop point")
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--per-slot", type=int, default=4,
                         help="requests per slot at each load (a closed loop's start and drain weigh less in longer runs)")
@@ -104,21 +108,24 @@ def main() -> None:
     steppers = {"plain": BatchStepper(target, prompts_in_verify=fused),
                 "speculative": BatchStepper(target, prompts_in_verify=fused)}
     engine = Engine(target, drafter="none")
-    for c in loads:
-        n = max(8, args.per_slot * c)
+    rates = [float(r) for r in args.request_rate.split(",") if r.strip()]
+    for c, rate in [(c, None) for c in loads] + [(max(loads), r) for r in rates]:
+        n = max(8, args.per_slot * c) if rate is None else args.open_requests
         prompts = [distinct[i % 8] for i in range(n)]
         drafters = {"plain": lambda i: None,
                     "speculative": lambda i: SyntheticDrafter(ModelDrafter(draft), references[i % 8], args.alpha,
                                                               vocab, seed=i)}
 
-        def run(name, batch, tokens):
+        def run(name, batch, tokens, rate=None):
             def start(i, ids, params):
                 if name != "plain" and args.k is not None:
                     params = replace(params, num_draft_tokens=args.k)
                 return Generation(target, drafters[name](i), ids, params, None)
-            return serve(engine, batch, tokens, c, stepper=steppers[name], start=start)
+            return serve(engine, batch, tokens, c, rate, stepper=steppers[name], start=start)
 
         def measured(name):
+            if rate is not None:
+                return run(name, prompts, new_tokens, rate)
             if args.steps:
                 with StepTimes(steppers[name]) as times:
                     result = run(name, prompts, new_tokens)
@@ -150,10 +157,20 @@ def main() -> None:
             run(name, prompts[: max(c, 2)], 16)
         results = {name: measured(name) for name in drafters}
         plain, spec = results["plain"], results["speculative"]
-        row = {"concurrency": c, "requests": n, "plain": plain[0].to_dict(), "speculative": spec[0].to_dict(),
+        row = {"concurrency": c, "rate": rate, "requests": n, "plain": plain[0].to_dict(), "speculative": spec[0].to_dict(),
                "ratio": spec[0].tokens_per_s / plain[0].tokens_per_s,
-               "full_ratio": spec[0].full_tokens_per_s / plain[0].full_tokens_per_s, "identical": spec[1] == plain[1]}
+               "full_ratio": spec[0].full_tokens_per_s / plain[0].full_tokens_per_s
+               if spec[0].full_tokens_per_s and plain[0].full_tokens_per_s else None, "identical": spec[1] == plain[1]}
         report["rows"].append(row)
+        if rate is not None:
+            print(f"open loop, {rate:g} req/s (at most {c} in flight): latency p50/p95 plain "
+                  f"{plain[0].latency_p50_s:.2f}/{plain[0].latency_p95_s:.2f} s, speculative "
+                  f"{spec[0].latency_p50_s:.2f}/{spec[0].latency_p95_s:.2f} s; TTFT p50/p95 plain "
+                  f"{1e3 * plain[0].ttft_p50_s:.0f}/{1e3 * plain[0].ttft_p95_s:.0f} ms, speculative "
+                  f"{1e3 * spec[0].ttft_p50_s:.0f}/{1e3 * spec[0].ttft_p95_s:.0f} ms; identical {row['identical']}",
+                  flush=True)
+            (OUT / "gpu_serving.json").write_text(json.dumps(report, indent=2))
+            continue
         print(f"c={c}: plain {plain[0].tokens_per_s:.0f} tok/s, speculative {spec[0].tokens_per_s:.0f} tok/s "
               f"({row['ratio']:.2f}x; every slot busy: {plain[0].full_tokens_per_s:.0f} and "
               f"{spec[0].full_tokens_per_s:.0f} tok/s, {row['full_ratio']:.2f}x; acceptance {spec[0].acceptance_rate or 0:.0%}, "
