@@ -94,6 +94,7 @@ def test_serving_bench_control_reruns_plain_and_each_repeat_is_paired_with_a_pla
         assert len(row["paired_ratios"]) == 2 and (low, high) == tuple(round(r, 2) for r in sorted(row["paired_ratios"]))
         assert low - 0.005 <= row["throughput_ratio"] <= high + 0.005  # two repeats: their ratio of sums lies between
     assert rows["plain"]["ratio_range"] is None and "rows/tok" in proc.stdout and "range" in proc.stdout
+    assert "'plain-again' (--control)" in (out / "serving.md").read_text()
 
 
 def test_full_slot_throughput_counts_only_steps_with_every_slot_busy(tiny_model_dir):

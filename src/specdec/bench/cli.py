@@ -214,8 +214,10 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
         f"# Serving benchmark\n\n{config['machine']}, {config['date']}\n\n`{config['command']}`\n\n"
         f"Throughput is the median of {args.repeats} runs, interleaved; 'vs plain' is its ratio to plain "
         "decoding's at the same load, and 'range' the lowest and highest of the repeats' ratios to the plain run "
-        "beside them. 'plain-again' (--control) is plain decoding run a second time: its ratio is the machine's "
-        "noise. 'full' counts only the steps that ran with every slot busy (closed loop: without the start and "
+        "beside them. "
+        + ("'plain-again' (--control) is plain decoding run a second time: its ratio is the machine's noise. "
+           if args.control else "")
+        + "'full' counts only the steps that ran with every slot busy (closed loop: without the start and "
         "the drain). 'rows/tok' is the positions the target verified per generated token (plain: 1.00).\n\n"
         + serving_table(rows, markdown=True) + "\n")
     print(serving_table(rows))
