@@ -526,10 +526,10 @@ class GraphDecoder(CompactDecoder):
         sizes = [token_ids[i].shape[0] for i in feeds]
         for i, n in zip(feeds, sizes):
             self._check_room(caches[i], _pieces(n) * JOIN_PIECE)
-        firsts = list(accumulate([0] + [_pieces(n) for n in sizes]))  # each feed's first piece
+        counts = [_pieces(n) for n in sizes]
+        firsts = list(accumulate([0] + counts))  # each feed's first piece
         step = self._join_step(-(-firsts[-1] // JOIN_PIECES_STEP) * JOIN_PIECES_STEP)
         # Token t of a feed is row first_piece * JOIN_PIECE + t; each piece reads its feed's slot.
-        counts = [firsts[b + 1] - firsts[b] for b in range(len(feeds))]
         slots = [caches[i].slot.index for i, count in zip(feeds, counts) for _ in range(count)]
         starts = [caches[i].length + JOIN_PIECE * p for i, count in zip(feeds, counts) for p in range(count)]
         keep = self._run_step(step, [token_ids[i] for i in feeds], [f * JOIN_PIECE for f in firsts[:-1]], slots,
