@@ -42,3 +42,36 @@ def running_server(*args: str, env: dict | None = None, timeout: float = 120.0):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def serving(engine, config):
+    """`create_app(engine, config)` under uvicorn in this process, on a free loopback port:
+    yields the base URL and the app (its scheduler is `app.state.scheduler`)."""
+    import threading
+
+    import uvicorn
+
+    from specdec.server.app import create_app
+
+    app = create_app(engine, config)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def metric_samples(base: str) -> dict[tuple[str, tuple], float]:
+    """Every Prometheus sample the server exposes, by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text) for s in family.samples}

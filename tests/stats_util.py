@@ -25,7 +25,11 @@ def _normal_quantile(p: float) -> float:
 
 
 def chi2_statistic(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> tuple[float, int]:
-    """Pearson chi-square of observed counts against probabilities; rare cells are pooled."""
+    """Pearson chi-square of observed counts against probabilities; rare cells are pooled.
+    A count where the probability is zero is impossible under the law: the statistic is then
+    infinite (pooling would hide it among the rare cells, or drop it with the empty ones)."""
+    if bool((counts[probs <= 0] > 0).any()):
+        return math.inf, max(int((probs > 0).sum()) - 1, 1)
     n = counts.sum()
     expected = probs * n
     big = expected >= min_expected

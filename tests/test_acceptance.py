@@ -119,7 +119,10 @@ def test_vectorized_sampler_matches_reference_in_distribution(one_hot):
 def test_rejected_token_is_never_recovered_with_one_hot_draft():
     target = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     gen = torch.Generator().manual_seed(0)
+    rejected = 0
     for _ in range(200):
         verdict = verify_sampled(target, torch.tensor([0]), None, gen)
         if verdict.num_accepted == 0:
+            rejected += 1
             assert verdict.next_token == 1  # token 0 was rejected, token 2 has no mass
+    assert 60 <= rejected <= 140  # rejected with probability 1 - p(0) = 0.5

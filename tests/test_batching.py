@@ -19,7 +19,8 @@ from specdec.models.hf import HFCausalLM
 import tiny
 from stats_util import chi2_critical, chi2_statistic
 from test_greedy_exactness import PROMPTS, reference_greedy
-from test_sampling_lossless import PROMPT as LAW_PROMPT, VOCAB as LAW_VOCAB, exact_two_token_law
+from test_sampling_lossless import (ADAPTIVE_LENGTH, PROMPT as LAW_PROMPT, VOCAB as LAW_VOCAB, _index as law_index,
+                                    _longest_draft_run, exact_law)
 
 
 def compact(model) -> CompactDecoder:
@@ -122,8 +123,10 @@ def test_batched_sampling_follows_the_target_law_with_the_planners_k():
     target = compact(tiny.llama(seed=3, vocab=LAW_VOCAB, hidden=32))
     target.eos_token_ids = frozenset()
     engine = Engine(target, drafter="model", draft_model=compact(tiny.llama(seed=4, vocab=LAW_VOCAB, hidden=32)))
-    params = [SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, seed=10_000 + i) for i in range(2000)]
-    stepper, counts, running, waiting = BatchStepper(target), torch.zeros(LAW_VOCAB ** 2), [], list(params)
+    params = [SamplingParams(max_new_tokens=ADAPTIVE_LENGTH, temperature=1.0, top_k=4, seed=10_000 + i)
+              for i in range(2000)]
+    stepper, counts, running, waiting = BatchStepper(target), torch.zeros(LAW_VOCAB**ADAPTIVE_LENGTH), [], list(params)
+    deepest = 0
     while waiting or running:
         while waiting and len(running) < 16:
             generation = engine.start(LAW_PROMPT, waiting.pop())
@@ -131,11 +134,13 @@ def test_batched_sampling_follows_the_target_law_with_the_planners_k():
             running.append(generation)
         stepper.step(running)
         for g in [g for g in running if g.finished]:
-            a, b = g.output().token_ids
-            counts[a * LAW_VOCAB + b] += 1
+            out = g.output()
+            counts[law_index(out.token_ids)] += 1
+            deepest = max(deepest, _longest_draft_run(out.provenance))
         running = [g for g in running if not g.finished]
-    stat, df = chi2_statistic(counts, exact_two_token_law(HFCausalLM(target.model, "law"), params[0]))
+    stat, df = chi2_statistic(counts, exact_law(HFCausalLM(target.model, "law"), params[0]))
     assert stat < chi2_critical(df, 1e-3), f"chi2 {stat:.1f} on {df} df"
+    assert deepest >= 2  # the planner drafted several tokens in a step, and they were accepted
 
 
 def test_draft_passes_of_a_batch_run_together(models):

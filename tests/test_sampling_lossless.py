@@ -1,8 +1,10 @@
 """Full sampled generations follow the target's distribution exactly (seeded, statistical).
 
-A vocabulary of 16 and top-k 4 make the exact joint law of the first two tokens
-enumerable from the target alone; specdec's samples must fit it, and the draft's own law
-(a different distribution) must be rejected by the same test, which proves its power.
+A vocabulary of 16 and top-k 4 make the exact joint law of the first few tokens enumerable
+from the target alone; specdec's samples must fit it, and the draft's own law (a different
+distribution) must be rejected by the same test, which proves its power. The generations are
+as long as a step's k + 1 tokens, so that the first step can draft k and accept them all: the
+tests check that steps did accept several drafts, not only one.
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ from stats_util import chi2_critical, chi2_statistic
 
 VOCAB = 16
 PROMPT = [1, 5, 9, 3]
+ADAPTIVE_LENGTH = 4  # tokens per sample where k is the policy's (up to 3 drafts in the first step)
+
+
+def law_length(k: int | None) -> int:
+    """Tokens per sample: enough for a first step of k drafts plus its own token."""
+    return ADAPTIVE_LENGTH if k is None else k + 1
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +37,51 @@ def pair():
 
 
 @torch.no_grad()
-def exact_two_token_law(model, params) -> torch.Tensor:
-    law = torch.zeros(VOCAB * VOCAB, dtype=torch.float64)
-    first = to_probs(model.model(torch.tensor([PROMPT])).logits[0, -1:], params)[0].double()
-    for a in torch.nonzero(first).flatten().tolist():
-        second = to_probs(model.model(torch.tensor([PROMPT + [a]])).logits[0, -1:], params)[0].double()
-        law[a * VOCAB : (a + 1) * VOCAB] = first[a] * second
+def exact_law(model, params, prompt=PROMPT) -> torch.Tensor:
+    """[VOCAB ** n] the target's probability of each n-token continuation, n = max_new_tokens;
+    a sequence t is at index sum(t_i * VOCAB ** (n - 1 - i))."""
+    n = params.max_new_tokens
+    law = torch.zeros(VOCAB**n, dtype=torch.float64)
+
+    def extend(prefix: list[int], mass: float) -> None:
+        probs = to_probs(model.model(torch.tensor([prompt + prefix])).logits[0, -1:], params)[0].double()
+        for token in torch.nonzero(probs).flatten().tolist():
+            if len(prefix) + 1 == n:
+                law[_index(prefix + [token])] = mass * probs[token]
+            else:
+                extend(prefix + [token], mass * float(probs[token]))
+
+    extend([], 1.0)
     return law
 
 
-def sample_counts(engine, params, n, seed0) -> torch.Tensor:
-    counts = torch.zeros(VOCAB * VOCAB)
+def _index(tokens: list[int]) -> int:
+    index = 0
+    for t in tokens:
+        index = index * VOCAB + t
+    return index
+
+
+def sample_counts(engine, params, n, seed0, prompt=PROMPT) -> tuple[torch.Tensor, int]:
+    """Counts of n seeded samples over exact_law's index, and the most drafts a step accepted."""
+    counts = torch.zeros(VOCAB**params.max_new_tokens)
+    deepest = 0
     for i in range(n):
-        p = SamplingParams(max_new_tokens=2, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                           seed=seed0 + i, num_draft_tokens=params.num_draft_tokens)
-        a, b = engine.start(PROMPT, p).run().token_ids
-        counts[a * VOCAB + b] += 1
-    return counts
+        p = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
+                           top_p=params.top_p, seed=seed0 + i, num_draft_tokens=params.num_draft_tokens)
+        out = engine.start(prompt, p).run()
+        counts[_index(out.token_ids)] += 1
+        deepest = max(deepest, _longest_draft_run(out.provenance))
+    return counts, deepest
+
+
+def _longest_draft_run(provenance: list[str]) -> int:
+    """A step emits its accepted drafts, then the target's token: the longest run of drafts."""
+    longest = run = 0
+    for source in provenance:
+        run = run + 1 if source == "draft" else 0
+        longest = max(longest, run)
+    return longest
 
 
 def assert_fits(counts: torch.Tensor, law: torch.Tensor) -> None:
@@ -55,20 +91,27 @@ def assert_fits(counts: torch.Tensor, law: torch.Tensor) -> None:
 
 def assert_self_draft_follows_target_law(target, params, draft, seed0: int) -> None:
     engine = Engine(target, drafter="self", draft_model=draft)
-    assert_fits(sample_counts(engine, params, 2000, seed0=seed0), exact_two_token_law(target, params))
+    counts, deepest = sample_counts(engine, params, 2000, seed0=seed0)
+    assert_fits(counts, exact_law(target, params))
+    assert deepest == params.num_draft_tokens  # a whole draft was accepted in one step
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,k", [(1.0, 4, 1.0, 3), (0.7, 4, 0.9, 1), (1.3, 4, 1.0, None)])
 def test_sampled_generations_follow_target_law(pair, temperature, top_k, top_p, k):
     target, draft = pair
-    params = SamplingParams(max_new_tokens=2, temperature=temperature, top_k=top_k, top_p=top_p, num_draft_tokens=k)
-    law = exact_two_token_law(target, params)
+    params = SamplingParams(max_new_tokens=law_length(k), temperature=temperature, top_k=top_k, top_p=top_p,
+                            num_draft_tokens=k)
+    law = exact_law(target, params)
+    if k is None:  # the policy drafts only where a draft token costs well under a target pass
+        draft = HFCausalLM(tiny.llama(seed=4, vocab=VOCAB, hidden=32, layers=1), "d16-1", eos_token_ids=set())
     engine = Engine(target, drafter="model", draft_model=draft)
-    counts = sample_counts(engine, params, 2500, seed0=1000)
+    counts, deepest = sample_counts(engine, params, 2500, seed0=1000)
     assert_fits(counts, law)
+    # Steps accepted drafts, several at once where k allows (the policy drafts one at a time here).
+    assert deepest >= min(k or 1, 2)
     df = chi2_statistic(counts, law)[1]
     # power: the draft's own law differs, and the same test with the same n tells them apart
-    draft_law = exact_two_token_law(draft, params)
+    draft_law = exact_law(draft, params)
     draft_counts = (draft_law * 2500).round()
     assert chi2_statistic(draft_counts, law)[0] > chi2_critical(df, 1e-3)
 
@@ -77,7 +120,7 @@ def test_self_draft_sampling_follows_target_law(pair):
     from specdec.models.self_draft import build_self_draft
 
     target, _ = pair
-    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, num_draft_tokens=2)
+    params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=4, num_draft_tokens=2)
     assert_self_draft_follows_target_law(target, params, build_self_draft(target, "bfloat16"), seed0=300)
 
 
@@ -87,7 +130,7 @@ def test_int8_self_draft_sampling_follows_target_law():
     from specdec.models.self_draft import build_self_draft
 
     target = HFCausalLM(tiny.llama(seed=3, vocab=VOCAB, hidden=32, dtype=torch.float32), "t16f", eos_token_ids=set())
-    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, num_draft_tokens=2)
+    params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=4, num_draft_tokens=2)
     assert_self_draft_follows_target_law(target, params, build_self_draft(target, "int8"), seed0=600)
 
 
@@ -97,7 +140,7 @@ def test_subset_vocabulary_self_draft_sampling_follows_target_law(pair):
     from specdec.models.self_draft import build_self_draft
 
     target, _ = pair
-    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=6, num_draft_tokens=2)
+    params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=6, num_draft_tokens=2)
     ranking = torch.tensor([0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15])
     draft = build_self_draft(target, "bfloat16", draft_vocab=6, token_ranking=ranking)
     assert_self_draft_follows_target_law(target, params, draft, seed0=900)
@@ -105,17 +148,14 @@ def test_subset_vocabulary_self_draft_sampling_follows_target_law(pair):
 
 def test_ngram_drafter_sampling_follows_target_law(pair):
     target, _ = pair
-    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, num_draft_tokens=2)
+    params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=4, num_draft_tokens=2)
     engine = Engine(target, drafter="ngram")
-    # a repetitive prompt so that the n-gram drafter actually proposes
-    global PROMPT
-    saved, PROMPT = PROMPT, [1, 5, 9, 5, 9, 5, 9, 5]
-    try:
-        law = exact_two_token_law(target, params)
-        counts = sample_counts(engine, params, 2500, seed0=7)
-    finally:
-        PROMPT = saved
-    assert_fits(counts, law)
+    # The target's own greedy path, twice begun: the lookup proposes what the target favours.
+    path = Engine(target, drafter="none").generate(PROMPT, max_new_tokens=8).token_ids
+    repetitive = path + path[:2]
+    counts, deepest = sample_counts(engine, params, 2500, seed0=7, prompt=repetitive)
+    assert_fits(counts, exact_law(target, params, prompt=repetitive))
+    assert deepest == 2
 
 
 def test_same_seed_gives_same_sample(pair):
@@ -138,8 +178,9 @@ def test_distilled_draft_sampling_follows_target_law(pair, tmp_path):
     distil(target.model, TargetIdentity.of(target.model, VOCAB, None), text, tmp_path,
            TrainingConfig(layers=1, steps=4, batch_size=4, progress=False), torch.tensor([0, 2, 4, 6, 8, 10]))
     draft = load_distilled_draft(tmp_path, target, None)
-    params = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=6, num_draft_tokens=2)
+    params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=6, num_draft_tokens=2)
     engine = Engine(target, drafter="model", draft_model=draft)
-    counts = sample_counts(engine, params, 2000, seed0=4242)
-    assert_fits(counts, exact_two_token_law(target, params))
+    counts, deepest = sample_counts(engine, params, 2000, seed0=4242)
+    assert_fits(counts, exact_law(target, params))
+    assert deepest == 2
     assert engine.generate(PROMPT, max_new_tokens=4, temperature=1.0, seed=1).stats.drafted_tokens > 0

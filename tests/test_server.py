@@ -90,6 +90,34 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * (2 << 20)}, 413, None),
     ("/v1/nothing", {}, 404, None),
+    # OpenAI fields this server does not do are refused by name, never silently ignored
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": -1.0}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 0}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "surprise": 1}, 400, "surprise"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+     400, "logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+     400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "hi"}]}, 400, "messages"),
+    # limits and text that cannot become tokens
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": "s" * 257}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "num_draft_tokens": 13}, 400, "num_draft_tokens"),
+    ("/v1/completions", b'{"model": "tiny-model", "prompt": "bad \\ud800 text"}', 400, "prompt"),
+    ("/v1/completions", b'{"model": "tiny-model", "prompt": "hi", "stop": "\\udfff"}', 400, "stop"),
+    ("/v1/chat/completions", b'{"model": "tiny-model", "messages": [{"role": "user", "content": "\\ud83d"}]}', 400,
+     "messages"),
 ]
 
 
@@ -103,7 +131,43 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(server, client, 
     assert error["message"] and error["type"]
     if param is not None:
         assert error["param"] == param, error
-    assert client.completions.create(model=MODEL, prompt="the", max_tokens=4, temperature=0).choices[0].text is not None
+    after = client.completions.create(model=MODEL, prompt="the", max_tokens=4, temperature=0)
+    assert after.choices[0].finish_reason in ("stop", "length") and after.usage.completion_tokens >= 1
+
+
+def test_openai_fields_at_their_inert_defaults_are_accepted(client):
+    plain = client.completions.create(model=MODEL, prompt="the quick", max_tokens=8, temperature=0)
+    same = client.completions.create(model=MODEL, prompt="the quick", max_tokens=8, temperature=0, presence_penalty=0,
+                                     frequency_penalty=0.0, logit_bias={}, echo=False, best_of=1, user="u1")
+    assert same.choices[0].text == plain.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the quick"}],
+                                          max_tokens=4, temperature=0, logprobs=False,
+                                          response_format={"type": "text"}, tool_choice="none")
+    assert chat.choices[0].message.content is not None
+
+
+def test_a_tiny_temperature_is_greedy_not_a_500(client):
+    greedy = client.completions.create(model=MODEL, prompt="the quick", max_tokens=12, temperature=0)
+    for temperature in (1e-40, 1e-8):
+        tiny_t = client.completions.create(model=MODEL, prompt="the quick", max_tokens=12, temperature=temperature,
+                                           seed=3)
+        assert tiny_t.choices[0].text == greedy.choices[0].text
+
+
+def test_stream_options_include_usage_adds_a_last_usage_chunk(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the quick"}],
+                                                 max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics_label_routes_not_raw_paths(server):
+    for i in range(3):
+        httpx.get(f"{server}/v1/no/such/path/{i}")
+    endpoints = {s.labels["endpoint"] for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)
+                 for s in f.samples if s.name == "specdec_requests_total"}
+    assert "unmatched" in endpoints and not any("no/such" in e for e in endpoints), endpoints
 
 
 def test_load_32_concurrent_streams_one_killed_midway(server, client):
@@ -174,6 +238,10 @@ def test_api_key_required_when_configured(tiny_model_dir):
         ok = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
         assert ok.completions.create(model=MODEL, prompt="the", max_tokens=3, temperature=0).choices
         assert httpx.get(f"{base}/health").status_code == 200  # health stays open for probes
+        assert httpx.get(f"{base}/metrics").status_code == 200  # and metrics, for scrapers
+        for path in ("/docs", "/openapi.json", "/redoc"):
+            assert httpx.get(f"{base}{path}").status_code == 401, path
+        assert httpx.get(f"{base}/openapi.json", headers={"authorization": "Bearer s3cret"}).status_code == 200
 
 
 def test_excess_requests_get_429_when_queue_is_full(slow_model_dir):

@@ -44,7 +44,9 @@ def test_text_stream_holds_back_a_possible_stop_prefix():
 def test_provenance_marks_every_token(text_engine):
     out = text_engine.generate("the quick brown fox jumps over the lazy dog the quick", max_new_tokens=30)
     assert len(out.provenance) == len(out.token_ids)
-    assert out.provenance.count("draft") == out.stats.accepted_tokens or out.finish_reason == "stop"
+    # Ended by length, no EOS or stop string cut a step short: every accepted draft was emitted.
+    assert out.finish_reason == "length"
+    assert out.provenance.count("draft") == out.stats.accepted_tokens > 0
 
 
 @pytest.mark.parametrize("seed", range(6))

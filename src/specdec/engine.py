@@ -43,6 +43,24 @@ class Engine:
         """Same target and tokenizer, another drafter (weights are shared, not copied)."""
         return Engine(self.target, self.tokenizer, drafter, draft_model or self.draft_model)
 
+    @property
+    def _models(self) -> list[CausalLM]:
+        """The models a request runs on: the target, and the draft model if the drafter uses one."""
+        uses_draft = self.draft_model is not None and self.drafter_name in MODEL_DRAFTERS
+        return [self.target, self.draft_model] if uses_draft else [self.target]
+
+    @property
+    def max_context(self) -> int:
+        """Positions a request may span, prompt and output: the least of its models'."""
+        return min(model.max_context for model in self._models)
+
+    @property
+    def shared_kv_cells(self) -> int | None:
+        """Cache positions that all running requests share, where a backend pools them
+        (llama.cpp's unified cache): the least of its models'. None: each has its own cache."""
+        cells = [model.kv_cells for model in self._models if getattr(model, "kv_cells", None) is not None]
+        return min(cells) if cells else None
+
     def reserve_sequences(self, count: int) -> None:
         """Prepare the models for `count` requests running together (a server's batch): on the
         GPU path their caches come from one pool, so every batched step runs as one captured
@@ -74,11 +92,11 @@ class Engine:
                stop: str | Sequence[str] | None = None) -> Iterator[str]:
         """Yield text deltas as the target accepts tokens."""
         params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop)
-        generation = self.start(prompt, params)
-        while not generation.finished:
-            text = generation.step().text
-            if text:
-                yield text
+        with self.start(prompt, params) as generation:  # a consumer that stops early frees the caches too
+            while not generation.finished:
+                text = generation.step().text
+                if text:
+                    yield text
 
     def _relative_draft_cost(self) -> float:
         if self.draft_model is None or not self.drafter_name.endswith(("model", "self")):
@@ -113,7 +131,10 @@ class Engine:
                 f"model {self.target.name!r} has no chat template: use the completions endpoint / a plain prompt",
                 "messages",
             )
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # jinja's TemplateError and what templates raise: the messages' fault
+            raise InvalidRequestError(f"the model's chat template refused these messages: {exc}", "messages") from None
         if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -122,10 +143,11 @@ class Engine:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True) if self.tokenizer else ""
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        context = self.target.max_context
+        context = self.max_context
         if prompt_tokens >= context:
             raise InvalidRequestError(
-                f"prompt has {prompt_tokens} tokens, but model {self.target.name!r} has a context of {context}", "prompt"
+                f"prompt has {prompt_tokens} tokens, but model {self.target.name!r} has a context of {context}"
+                + ("" if context == self.target.max_context else " with this draft model"), "prompt"
             )
         if prompt_tokens + max_new_tokens > context:
             raise InvalidRequestError(

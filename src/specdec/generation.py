@@ -92,26 +92,58 @@ class Generation:
         self.tokens = torch.empty(self.max_length, dtype=torch.long)  # prompt + output, preallocated
         self.tokens[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
         self.prompt_length = self.length = len(prompt_ids)
-        self.cache = target.new_cache()
-        share = getattr(drafter, "share_context", None)
-        if share is not None:  # a self-draft reads context it has not seen from the target's cache
-            share(target, self.cache)
+        # Taken by open() on the thread that steps this generation (a server's scheduler
+        # thread), never where it is made: a backend's cache calls must not race its passes.
+        self.cache: Any = None
+        self.closed = False
         self.generator = _generator(target.device, params.seed)
         self.text_stream = TextStream(tokenizer, params.stop)
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.finished = False
         self._started: float | None = None
         self._prompt_unread = False  # the prompt is read by this step's verify pass (a batch's joiner)
-        # A self-draft copies the prompt from the target's cache instead of reading it: there
-        # the target must have read it before the draft.
-        self._prompt_may_join_verify = (len(prompt_ids) <= PROMPT_IN_VERIFY_MAX
-                                        and not getattr(drafter, "reads_target_cache", False))
+        self._prompt_may_join_verify = False  # decided by open()
         adaptive = params.num_draft_tokens is None and drafter is not None and not reproducible
         self._synchronize = torch.cuda.synchronize if adaptive and target.device.type == "cuda" else None
         # Plain greedy decoding on a model that chains its steps on the device (GPU graphs).
         plain = drafter is None or params.num_draft_tokens == 0
         self._chained = plain and params.greedy and hasattr(target, "greedy_chain")
         self._chain = None
+
+    # ---- lifetime -------------------------------------------------------------------------
+    def open(self) -> None:
+        """Take this sequence's caches (the first step does it). Call it on the thread that
+        steps the generation: llama.cpp and the GPU pool are not safe across threads."""
+        if self.cache is not None:
+            return
+        if self.closed:
+            raise RuntimeError("generation is closed")
+        self.cache = self.target.new_cache()
+        share = getattr(self.drafter, "share_context", None)
+        if share is not None:  # a self-draft reads context it has not seen from the target's cache
+            share(self.target, self.cache)
+        # A self-draft copies the prompt from the target's cache instead of reading it: there
+        # the target must have read it before the draft.
+        self._prompt_may_join_verify = (self.prompt_length <= PROMPT_IN_VERIFY_MAX
+                                        and not getattr(self.drafter, "reads_target_cache", False))
+
+    def close(self) -> None:
+        """Hand the caches back now: on finishing, and when a request is cancelled or fails.
+        Safe to call more than once; the generation cannot step after it. A generation that
+        is never closed keeps its sequence slot (on llama.cpp and the GPU pool) for good."""
+        if self.closed:
+            return
+        self.closed = True
+        self._chain = None  # its queued steps write only into the cache handed back here
+        if self.cache is not None:
+            release_cache(self.target, self.cache)
+        release_drafter(self.drafter)
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> StepOutput:
@@ -137,6 +169,7 @@ class Generation:
         those a self-draft copies from the target's cache, are read on their own as before."""
         if self.finished:
             raise RuntimeError("generation already finished")
+        self.open()
         if self._started is None:
             if prompt_in_verify and self._prompt_may_join_verify:
                 self._started, self._prompt_unread = time.perf_counter(), True
@@ -169,7 +202,7 @@ class Generation:
         self._commit(draft.proposal, verdict, draft_s=draft.draft_s, verify_s=verify_s)
         out = self._emit(draft.proposal, verdict)
         if out.finished:
-            self._release()
+            self.close()
         return out
 
     def _chained_step(self) -> StepOutput:
@@ -177,6 +210,7 @@ class Generation:
         is read (GreedyChain): the host's work per token overlaps the next step."""
         if self.finished:
             raise RuntimeError("generation already finished")
+        self.open()
         if self._chain is None:
             if self._started is None:
                 self._prefill()
@@ -189,7 +223,7 @@ class Generation:
         out = self._emit(empty_proposal(), verdict)
         if out.finished:
             self._unchain()
-            self._release()
+            self.close()
         return out
 
     def _unchain(self) -> None:
@@ -197,12 +231,6 @@ class Generation:
         any step queued after it; those are dropped (a later step() starts a new chain)."""
         self._chain = None
         self.target.rewind(self.cache, self.length - 1)
-
-    def _release(self) -> None:
-        """A finished sequence hands its caches back at once: on the GPU path they are slots
-        of a pool that the next request needs (garbage collection may come much later)."""
-        release_cache(self.target, self.cache)
-        release_drafter(self.drafter)
 
     def _prefill(self) -> None:
         self._started = time.perf_counter()
@@ -293,8 +321,9 @@ class Generation:
         )
 
     def run(self) -> GenerationOutput:
-        while not self.finished:
-            self.step()
+        with self:
+            while not self.finished:
+                self.step()
         return self.output()
 
 

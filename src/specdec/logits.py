@@ -12,7 +12,10 @@ from .sampling_params import SamplingParams
 
 def to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[n, vocab] logits -> [n, vocab] float32 probabilities after temperature/top-k/top-p."""
-    logits = logits.float() / params.temperature
+    # The gaps to the row's maximum are divided, not the raw logits: a tiny temperature
+    # (1e-40) then gives the argmax (0 for the top token, -inf below it), not inf - inf = nan.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

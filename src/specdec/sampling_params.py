@@ -6,7 +6,11 @@ from dataclasses import dataclass, field
 from .errors import InvalidRequestError
 
 MAX_NEW_TOKENS_LIMIT = 1_000_000
-MAX_DRAFT_TOKENS = 64
+# The most tokens one step drafts, asked for (num_draft_tokens) or chosen (draft_length.py);
+# a verify of k + 1 positions fits the GPU path's captured steps and kernels (16 rows).
+MAX_DRAFT_TOKENS = 12
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256  # each; the text stream looks for every stop string after every step
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,10 @@ class SamplingParams:
         for s in stop:
             if not isinstance(s, str) or s == "":
                 raise InvalidRequestError("stop must be a non-empty string or a list of them", "stop")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidRequestError(f"each stop string may have at most {MAX_STOP_CHARS} characters", "stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", "stop")
         object.__setattr__(self, "stop", stop)
 
     @property

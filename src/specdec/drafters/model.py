@@ -17,7 +17,7 @@ from .base import DraftFeed, DraftProposal, ProposalSteps, SteppedDrafter, relea
 class ModelDrafter(SteppedDrafter):
     def __init__(self, model: CausalLM) -> None:
         self.model = model
-        self.cache = model.new_cache()
+        self.cache = None  # taken at the first proposal, on the thread that steps the sequence
         self._context_length = 0
         self._drafts_in_cache = 0
         # Drafts with a subset head may extend it per sequence with the context's own tokens.
@@ -26,7 +26,9 @@ class ModelDrafter(SteppedDrafter):
         self._context_source: tuple[CausalLM, object] | None = None  # (target, its cache): see share_context
 
     def release(self) -> None:
-        release_cache(self.model, self.cache)
+        if self.cache is not None:
+            release_cache(self.model, self.cache)
+            self.cache = None
 
     def share_context(self, target: CausalLM, target_cache: object) -> None:
         """Where the draft renders the target's own model (a self-draft), context it has not
@@ -46,6 +48,8 @@ class ModelDrafter(SteppedDrafter):
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> ProposalSteps:
         """k draft passes, each yielded as a DraftFeed (batching.py feeds many sequences' at once)."""
+        if self.cache is None:
+            self.cache = self.model.new_cache()
         if self._covers_context:
             self.model.cover_context(self.cache, context)
             self._token_ids = self.model.column_token_ids(self.cache)
@@ -80,6 +84,8 @@ class ModelDrafter(SteppedDrafter):
         )
 
     def observe(self, num_accepted: int) -> None:
+        if self.cache is None:
+            return
         keep = self._context_length + min(num_accepted, self._drafts_in_cache)
         self.model.rewind(self.cache, keep)
 

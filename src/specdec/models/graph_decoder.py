@@ -21,10 +21,8 @@ Padding sequences write into the pool's spare slot.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
-import weakref
 from itertools import accumulate
 
 import torch
@@ -81,11 +79,10 @@ class _Slot:
 class StaticCache:
     """A sequence's lease of a slot; `length` is the truth, positions past it are stale."""
 
-    def __init__(self, slot: _Slot, release) -> None:
-        self.slot = slot
+    def __init__(self, slot: _Slot) -> None:
+        self.slot: _Slot | None = slot  # None once released
         self.length = 0
         self.extra_head = None  # no per-sequence head rows on this path
-        self.release = weakref.finalize(self, release, slot)  # at most once: here, or when collected
 
 
 class GraphDecoder(CompactDecoder):
@@ -137,8 +134,6 @@ class GraphDecoder(CompactDecoder):
 
     # ---- CausalLM ----------------------------------------------------------------------------
     def new_cache(self) -> StaticCache:
-        if self._pool is not None and not any(slot.index is not None for slot in self._free):
-            gc.collect()  # finished sequences' caches may wait in reference cycles: free their slots
         if self._free:
             pooled = [i for i, slot in enumerate(self._free) if slot.index is not None]
             slot = self._free.pop(pooled[-1] if pooled else -1)
@@ -146,12 +141,15 @@ class GraphDecoder(CompactDecoder):
             keys = [torch.zeros(self._kv_heads, self.capacity, self._head_dim, dtype=self.dtype, device=self.device)
                     for _ in self._layers]
             slot = _Slot(keys, [torch.zeros_like(k) for k in keys])
-        return StaticCache(slot, self._free.append)
+        return StaticCache(slot)
 
     def release(self, cache: StaticCache) -> None:
-        """The sequence is finished: its slot goes to the next one now. The cache is unusable after."""
-        cache.release()
-        cache.slot = None
+        """The sequence is finished: its slot goes to the next one now (explicitly, on the
+        stepping thread: a finaliser could hand it over mid-pass). The cache is unusable
+        after; a second release does nothing."""
+        if cache.slot is not None:
+            self._free.append(cache.slot)
+            cache.slot = None
 
     @torch.inference_mode()
     def reserve_sequences(self, count: int) -> None:
@@ -382,6 +380,8 @@ class GraphDecoder(CompactDecoder):
                     self._capture(cache.slot, n)
             if cache.slot.chain_graph is None:
                 self._capture_chain(cache.slot)
+        for cache in caches:
+            self.release(cache)
 
     def _capture(self, slot: _Slot, n: int) -> None:
         tokens = torch.zeros(n, dtype=torch.long, device=self.device)

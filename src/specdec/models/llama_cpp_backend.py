@@ -6,7 +6,10 @@ drives it like any `CausalLM`: one batched decode of [last, d1..dk] with logits 
 at those positions, and rollback by removing a sequence's cache positions >= the accepted length.
 
 One llama.cpp context holds up to `max_sequences` sequences (one per in-flight generation);
-each `new_cache()` takes a free sequence id and returns it when the generation is collected.
+each `new_cache()` takes a free sequence id and `release()` hands it back. llama.cpp is not
+safe across threads: every call on a model, these two included, must come from the thread
+that runs its passes (a server's scheduler thread), which is why nothing here is left to a
+garbage collector's finaliser, which runs on whatever thread drops the last reference.
 
 Where the GGUF's output head is Q8_0 (the default Gemma's), llama.cpp runs the model without
 its head and our product computes the logits of all verified positions in one pass over the
@@ -15,13 +18,9 @@ head (llama_cpp_head.py): verifying five positions then costs 22 ms instead of 4
 from __future__ import annotations
 
 import ctypes
-import gc
 import os
-import threading
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -55,7 +54,6 @@ class SequenceSlot:
 
     seq_id: int | None  # None once released
     length: int = 0
-    release: Callable[[], Any] | None = field(default=None, repr=False, compare=False)  # at most once
 
 
 class LlamaCppCausalLM:
@@ -114,31 +112,31 @@ class LlamaCppCausalLM:
             eos = {int(llama_cpp.llama_vocab_eos(vocab)), int(llama_cpp.llama_vocab_eot(vocab))}
             self.eos_token_ids = frozenset(t for t in eos if t >= 0)
         self.max_sequences = max_sequences  # sequences in flight at once (they share n_ctx cells)
+        self.kv_cells = n_ctx  # cache cells every sequence's positions share (kv_unified)
         self._free = list(range(max_sequences))
-        self._lock = threading.Lock()
 
     # ---- sequences ---------------------------------------------------------------------------
     def new_cache(self) -> SequenceSlot:
         if not self._free:
-            gc.collect()  # finished sequences' slots may wait in reference cycles
-        with self._lock:
-            if not self._free:
-                raise RuntimeError("all llama.cpp sequence slots are in use")
-            slot = SequenceSlot(self._free.pop())
+            raise RuntimeError(f"all {self.max_sequences} llama.cpp sequence slots are in use: close() the "
+                               "generations that are done with")
+        slot = SequenceSlot(self._free.pop())
         self._ctx.kv_cache_seq_rm(slot.seq_id, 0, -1)
-        slot.release = weakref.finalize(slot, self._release, slot.seq_id)  # here, or when collected
         return slot
 
     def release(self, cache: SequenceSlot) -> None:
-        """The sequence is finished: its cells are cleared and its id goes to the next one now."""
-        cache.release()
+        """The sequence is finished: its cells are cleared and its id goes to the next one now.
+        A second release of the same cache does nothing."""
+        if cache.seq_id is None:
+            return
+        if self._ctx.ctx is not None:
+            self._ctx.kv_cache_seq_rm(cache.seq_id, 0, -1)
+        self._free.append(cache.seq_id)
         cache.seq_id = None  # a released cache must not touch the id's next owner
 
-    def _release(self, seq_id: int) -> None:
-        if self._ctx.ctx is not None:
-            self._ctx.kv_cache_seq_rm(seq_id, 0, -1)
-        with self._lock:
-            self._free.append(seq_id)
+    @property
+    def free_sequences(self) -> int:
+        return len(self._free)
 
     def cache_length(self, cache: SequenceSlot) -> int:
         return cache.length

@@ -23,7 +23,6 @@ SPECDEC_LLAMA_CPP_HEAD=0 turns it off.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from . import native_matmul
-from .cache_dir import cache_root
+from .cache_dir import cache_root, content_digest
 
 log = logging.getLogger("specdec")
 
@@ -167,15 +166,7 @@ def check(head: SplitHead, probe_length: int = 24, positions: int = 4) -> dict[s
 
 # ---- derivation ------------------------------------------------------------------------------
 def _source_key(path: Path) -> str:
-    """Content-based, cheap: the size and the first and last MiB (the header names every tensor)."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(f"{FORMAT}:{size}".encode())
-    with open(path, "rb") as handle:
-        digest.update(handle.read(1 << 20))
-        handle.seek(max(0, size - (1 << 20)))
-        digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:20]
+    return f"{FORMAT}-{content_digest(path)}"
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

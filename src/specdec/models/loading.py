@@ -6,7 +6,6 @@ safetensors directory in the cache so that later loads take seconds.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
-from .cache_dir import cache_root
+from .cache_dir import cache_root, content_digest
 from .hf import HFCausalLM
 from .registry import REGISTRY
 
@@ -135,9 +134,7 @@ def _write_directory(target: Path, write) -> None:
 
 
 def _cache_key_dir(gguf_path: Path, kind: str) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_FORMAT}".encode()).hexdigest()[:16]
-    return cache_root() / kind / f"{gguf_path.stem}-{key}"
+    return cache_root() / kind / f"{gguf_path.stem}-{CONVERSION_FORMAT}-{content_digest(gguf_path)[:20]}"
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -23,11 +23,12 @@ from ..sampling_params import SamplingParams
 from . import protocol
 from .metrics import ServerMetrics
 from ..batching import BatchStepper
-from .scheduler import QueueFullError, RequestHandle, Scheduler
+from .scheduler import QueueFullError, RequestFailed, RequestHandle, Scheduler, request_timed_out
 
 log = logging.getLogger("specdec.server")
 
 POLL_S = 0.25  # how often a waiting response checks whether its client is still there
+STUCK_GRACE_S = 10.0  # past its deadline, a response stops waiting for a scheduler that does not answer
 FIELD_NAMES = {"max_new_tokens": "max_tokens"}  # engine names -> OpenAI names in errors
 
 
@@ -38,10 +39,13 @@ class ServerConfig:
     max_waiting: int = 64
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    request_timeout_s: float | None = 600.0  # None: no deadline
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.max_body_bytes < 1:
             raise SpecDecError("max running must be >= 1, max waiting >= 0, max body bytes >= 1")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise SpecDecError("the request timeout must be > 0 seconds")
 
 
 class APIError(Exception):
@@ -51,9 +55,13 @@ class APIError(Exception):
         self.status, self.body = status, protocol.error_body(message, type_, param, code)
 
 
+OPEN_PATHS = ("/health", "/metrics")  # for probes and scrapers; everything else needs the key
+
+
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics()
-    scheduler = Scheduler(metrics, BatchStepper(engine.target), config.max_running, config.max_waiting)
+    scheduler = Scheduler(metrics, BatchStepper(engine.target), config.max_running, config.max_waiting,
+                          kv_cells=engine.shared_kv_cells)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -63,30 +71,34 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="specdec", lifespan=lifespan)
     app.state.scheduler, app.state.metrics, app.state.engine = scheduler, metrics, engine
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes, metrics=metrics)
     _install_error_handlers(app, metrics)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
+        if config.api_key and request.url.path not in OPEN_PATHS:
             header = request.headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                metrics.requests.labels(request.url.path, "401").inc()
+                metrics.count(endpoint_label(request), 401)
                 return _error(APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
                                        code="invalid_api_key"))
         return await call_next(request)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health():
         running, waiting = scheduler.load
-        return {"status": "ok", "model": config.model_name, "drafter": engine.drafter_name,
-                "running": running, "waiting": waiting}
+        failure = scheduler.failure
+        body = {"status": "ok" if failure is None else "unavailable", "model": config.model_name,
+                "drafter": engine.drafter_name, "running": running, "waiting": waiting}
+        if failure is not None:
+            return JSONResponse({**body, "reason": failure}, status_code=503)
+        return body
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "specdec", "max_model_len": engine.target.max_context}]}
+                                            "owned_by": "specdec", "max_model_len": engine.max_context}]}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -95,16 +107,15 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def respond(request: Request, body: protocol._Sampling, prompt_ids: list[int], default_max_tokens: int,
                       kind: str):
         """Submit one request and answer it whole or as a stream; `kind` is "completion" or "chat"."""
-        handle = _submit(engine, scheduler, prompt_ids, _sampling_params(body, default_max_tokens))
         rid = protocol.new_id("cmpl" if kind == "completion" else "chatcmpl")
+        handle = _submit(engine, scheduler, prompt_ids, _sampling_params(body, default_max_tokens), rid,
+                         config.request_timeout_s)
         model, drafter = config.model_name, engine.drafter_name
-        metrics_label = metrics.requests.labels(request.url.path, "200")
         if not body.stream:
-            out = await _collect(handle, request)
-            metrics_label.inc()
+            out = await _collect(handle, request, scheduler)
+            metrics.count(endpoint_label(request), 200)
             build = protocol.completion_response if kind == "completion" else protocol.chat_response
             return build(rid, model, out, drafter)
-        metrics_label.inc()
 
         def chunk(text: str, finish: str | None, out: GenerationOutput | None) -> dict[str, Any]:
             stats = out.stats if out else None
@@ -112,20 +123,26 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 return protocol.completion_chunk(rid, model, text, finish, stats, drafter)
             return protocol.chat_chunk(rid, model, {"content": text} if text else {}, finish, stats, drafter)
 
+        def usage(out: GenerationOutput) -> dict[str, Any]:
+            return protocol.usage_chunk(rid, model, kind, out.stats, drafter)
+
         first = None if kind == "completion" else protocol.chat_chunk(
             rid, model, {"role": "assistant", "content": ""}, None)
-        return _sse(handle, request, chunk, first=first)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        label = endpoint_label(request)
+        return _sse(handle, request, scheduler, chunk, first=first, usage=usage if include_usage else None,
+                    counted=lambda status: metrics.count(label, status))
 
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, request: Request):
-        _check_model(body.model, config)
+        _check_request(body, config)
         prompt_ids = _completion_prompt(engine, body.prompt)
         return await respond(request, body, prompt_ids, protocol.DEFAULT_COMPLETION_MAX_TOKENS, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatRequest, request: Request):
-        _check_model(body.model, config)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        _check_request(body, config)
+        messages = [{"role": m.role, "content": _text(m.text(), "messages")} for m in body.messages]
         if not any(m["content"] for m in messages):
             raise InvalidRequestError("messages have no content", "messages")
         prompt_ids = engine.encode_chat(messages)
@@ -134,11 +151,39 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     return app
 
 
+def endpoint_label(request: Request) -> str:
+    """The metrics' endpoint label: the matched route's template, never a client's raw path
+    (each distinct path would add a time series)."""
+    route = request.scope.get("route")
+    return route.path if route is not None else path_label(request.app, request.url.path)
+
+
+def path_label(app: FastAPI, path: str) -> str:
+    """A path's label before routing: the route it names, else "unmatched"."""
+    return path if any(getattr(route, "path", None) == path for route in app.routes) else "unmatched"
+
+
 # ---- request handling ------------------------------------------------------------------------
-def _check_model(name: str, config: ServerConfig) -> None:
-    if name != config.model_name:
-        raise APIError(404, f"model {name!r} does not exist; this server serves {config.model_name!r}",
+def _check_request(body: protocol._Sampling, config: ServerConfig) -> None:
+    if body.model != config.model_name:
+        raise APIError(404, f"model {body.model!r} does not exist; this server serves {config.model_name!r}",
                        param="model", code="model_not_found")
+    field = body.unsupported()
+    if field is not None:
+        raise APIError(400, f"{field!r} is not supported by this server; leave it out or at its default",
+                       param=field, code="unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
+def _text(value: str, field: str) -> str:
+    """Text that can become tokens: JSON may carry lone UTF-16 surrogates, which cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"{field} holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text",
+                                  field) from None
+    return value
 
 
 def _completion_prompt(engine: Engine, prompt: str | list[int] | list[str]) -> list[int]:
@@ -146,6 +191,8 @@ def _completion_prompt(engine: Engine, prompt: str | list[int] | list[str]) -> l
         if len(prompt) != 1:
             raise InvalidRequestError("only one prompt per request is supported", "prompt")
         prompt = prompt[0]
+    if isinstance(prompt, str):
+        _text(prompt, "prompt")
     return engine.encode(prompt)
 
 
@@ -154,6 +201,8 @@ def _sampling_params(body: protocol._Sampling, default_max_tokens: int) -> Sampl
         raise InvalidRequestError("only n=1 is supported", "n")
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    for s in stop:
+        _text(s, "stop")
     try:
         return SamplingParams(
             max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -172,15 +221,18 @@ def _with_openai_field(exc: InvalidRequestError) -> InvalidRequestError:
     return InvalidRequestError(str(exc).replace(exc.field, field), field)
 
 
-def _submit(engine: Engine, scheduler: Scheduler, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+def _submit(engine: Engine, scheduler: Scheduler, prompt_ids: list[int], params: SamplingParams, rid: str,
+            timeout_s: float | None) -> RequestHandle:
+    """Validate and queue: nothing is allocated here (the scheduler's thread does that)."""
     try:
         generation = engine.start(prompt_ids, params)
+        return scheduler.submit(generation, asyncio.get_running_loop(), rid, timeout_s)
     except InvalidRequestError as exc:
         raise _with_openai_field(exc) from None
-    try:
-        return scheduler.submit(generation, asyncio.get_running_loop())
     except QueueFullError as exc:
         raise APIError(429, str(exc), type_="rate_limit_error", code="server_busy") from None
+    except RequestFailed as exc:
+        raise _api_error(exc) from None
 
 
 class _ClientWatch:
@@ -197,60 +249,83 @@ class _ClientWatch:
         return await self.request.is_disconnected()
 
 
-async def _collect(handle: RequestHandle, request: Request) -> GenerationOutput:
+async def _events(handle: RequestHandle, request: Request, scheduler: Scheduler) -> AsyncIterator[StepOutput]:
+    """The request's steps until it finishes. Raises APIError when the server ends it, and
+    _ClientGone when its client leaves. A handler never waits on a scheduler that cannot
+    answer: a dead one, or one stuck past the request's deadline (a hung backend call)."""
     watch = _ClientWatch(request)
     try:
         while True:
             event = await handle.next_event(POLL_S)
             if await watch.gone():
-                raise APIError(499, "client disconnected")
-            if event is None:
+                raise _ClientGone()
+            if isinstance(event, RequestFailed):
+                raise _api_error(event)
+            if event is not None:
+                yield event
+                if event.finished:
+                    return
                 continue
-            if isinstance(event, BaseException):
-                raise _engine_failure(event)
-            if event.finished:
-                return handle.generation.output()
+            if scheduler.failure is not None:
+                raise APIError(503, f"the server cannot serve: {scheduler.failure}", type_="server_error",
+                               code="server_unavailable")
+            if handle.deadline is not None and time.monotonic() > handle.deadline + STUCK_GRACE_S:
+                raise _api_error(request_timed_out())
     finally:
-        handle.cancel()  # no-op once finished; frees the slot if the client went away
+        handle.cancel()  # no-op once finished; otherwise the scheduler ends it and frees its slot
 
 
-def _sse(handle: RequestHandle, request: Request,
+async def _collect(handle: RequestHandle, request: Request, scheduler: Scheduler) -> GenerationOutput:
+    try:
+        async for _ in _events(handle, request, scheduler):
+            pass
+    except _ClientGone:
+        raise APIError(499, "client disconnected") from None
+    return handle.output
+
+
+def _sse(handle: RequestHandle, request: Request, scheduler: Scheduler,
          chunk: Callable[[str, str | None, GenerationOutput | None], dict[str, Any]],
-         first: dict[str, Any] | None) -> StreamingResponse:
+         first: dict[str, Any] | None, usage: Callable[[GenerationOutput], dict[str, Any]] | None,
+         counted: Callable[[int], None]) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
-        watch = _ClientWatch(request)
+        status = 499  # until the stream ends otherwise: a client gone, or the server stopping it
         try:
             if first is not None:
                 yield _data(first)
-            while True:
-                event = await handle.next_event(POLL_S)
-                if await watch.gone():
-                    return
-                if event is None:
-                    continue
-                if isinstance(event, BaseException):
-                    yield _data(_engine_failure(event).body)
-                    break
-                step: StepOutput = event
+            async for step in _events(handle, request, scheduler):
                 if step.finished:
-                    yield _data(chunk(step.text, step.finish_reason, handle.generation.output()))
-                    break
-                if step.text:
+                    yield _data(chunk(step.text, step.finish_reason, handle.output))
+                    if usage is not None:
+                        yield _data(usage(handle.output))
+                elif step.text:
                     yield _data(chunk(step.text, None, None))
+            status = 200
             yield "data: [DONE]\n\n"
+        except APIError as exc:
+            status = exc.status
+            yield _data(exc.body)
+            yield "data: [DONE]\n\n"
+        except _ClientGone:
+            pass
         finally:
+            counted(status)
             handle.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class _ClientGone(Exception):
+    pass
+
+
 def _data(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _engine_failure(exc: BaseException) -> APIError:
-    return APIError(500, f"the engine failed on this request: {type(exc).__name__}: {exc}", type_="server_error")
+def _api_error(failure: RequestFailed) -> APIError:
+    return APIError(failure.status, str(failure), type_=failure.type, code=failure.code)
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -260,7 +335,7 @@ def _error(exc: APIError) -> JSONResponse:
 
 def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     def count(request: Request, status: int) -> None:
-        metrics.requests.labels(request.url.path, str(status)).inc()
+        metrics.count(endpoint_label(request), status)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -286,7 +361,7 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def unexpected(request: Request, exc: Exception):
         log.exception("unhandled error")
         count(request, 500)
-        return _error(APIError(500, f"internal error: {type(exc).__name__}", type_="server_error"))
+        return _error(APIError(500, "internal error; the server log has the details", type_="server_error"))
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -297,6 +372,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # A union type reports its member name (e.g. 'str'); the field is the first element.
     param = loc[0] if loc else None
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"{'.'.join(loc)!r} is not a field this server knows; leave it out", param=param,
+                        code="unsupported_parameter")
     if first.get("type") == "missing":
         return APIError(400, f"missing required field {'.'.join(loc)!r}", param=param)
     if not loc:
@@ -307,14 +385,15 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 class _BodyLimit:
     """Refuse bodies over `limit` bytes with 413 before they are read into memory."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, metrics: ServerMetrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            self.metrics.count(path_label(scope["app"], scope["path"]), 413)
             return await _send_json(send, 413, protocol.error_body(
                 f"request body of {int(declared)} bytes is over the limit of {self.limit}", code="body_too_large"))
         seen = 0
@@ -330,6 +409,7 @@ class _BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
+            self.metrics.count(path_label(scope["app"], scope["path"]), 413)
             await _send_json(send, 413, protocol.error_body(f"request body is over the limit of {self.limit} bytes",
                                                              code="body_too_large"))
 

@@ -22,6 +22,8 @@ def add_serve_parser(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPECDEC_API_KEY)")
     p.add_argument("--served-model-name", help="model id clients send (default: derived from --target)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take, waiting included; then HTTP 504 (0: no limit; default 600)")
     p.set_defaults(run=_serve)
 
 
@@ -39,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     engine.reserve_sequences(args.max_concurrency)
     name = args.served_model_name or _model_id(engine.target.name)
     config = ServerConfig(model_name=name, max_running=args.max_concurrency, max_waiting=args.max_queue,
-                          api_key=args.api_key or None, max_body_bytes=args.max_body_bytes)
+                          api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
+                          request_timeout_s=args.request_timeout or None)
     logging.getLogger("specdec").info("serving %r with drafter %r on http://%s:%d", name, engine.drafter_name,
                                       args.host, args.port)
     uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level="info")

@@ -19,6 +19,9 @@ class ServerMetrics:
         self.drafted_tokens = Counter("specdec_drafted_tokens", "Tokens proposed by the drafter", registry=r)
         self.accepted_tokens = Counter("specdec_accepted_tokens", "Drafted tokens accepted by the target", registry=r)
         self.target_passes = Counter("specdec_target_forward_passes", "Target verify/decode passes", registry=r)
+        self.scheduler_faults = Counter("specdec_scheduler_faults",
+                                        "Batch steps that failed outside any one request (their requests ended)",
+                                        registry=r)
         self.cancelled = Counter("specdec_cancelled_requests", "Requests dropped because the client went away",
                                  registry=r)
         self._drafted = self._accepted = 0  # plain totals behind the acceptance-rate gauge
@@ -30,6 +33,12 @@ class ServerMetrics:
                                              buckets=LATENCY_BUCKETS, registry=r)
         self.request_latency = Histogram("specdec_request_latency_seconds", "Arrival to last output token",
                                          buckets=LATENCY_BUCKETS, registry=r)
+
+    def count(self, endpoint: str, status: int) -> None:
+        """One answered HTTP request, by its route's template and the status it ended with (a
+        stream that failed after its 200 header counts as the failure's status, 499 if the
+        client left)."""
+        self.requests.labels(endpoint, str(status)).inc()
 
     def record_finished(self, stats: GenerationStats, latency_s: float) -> None:
         self.generated_tokens.inc(stats.generated_tokens)

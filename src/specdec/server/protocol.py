@@ -14,8 +14,15 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool | None = None
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Unknown fields are refused by name (400), not ignored: a client must not believe a
+    # setting took effect when it did not.
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str
     max_tokens: int | None = None
@@ -25,25 +32,64 @@ class _Sampling(BaseModel):
     top_k: int | None = None  # extension
     n: int | None = None
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     num_draft_tokens: int | None = None  # extension: 0 = plain decoding, None = adaptive
     user: str | None = None
+    # Accepted only at the value that changes nothing (below, `unsupported`): a request that
+    # asks for more is refused with a 400 that names the field.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # means nothing without tools
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server does not do, or None."""
+        inert: dict[str, tuple] = {
+            "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+            "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+            "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+            "response_format": (None, {"type": "text"}), **self._inert_extra(),
+        }
+        for name, allowed in inert.items():
+            value = getattr(self, name)
+            # By type too: logprobs=0 asks for the chosen tokens' log probabilities, False does not.
+            if not any(value == a and type(value) is type(a) for a in allowed):
+                return name
+        return None
+
+    def _inert_extra(self) -> dict[str, tuple]:
+        return {}
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str]
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def _inert_extra(self) -> dict[str, tuple]:
+        return {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    # Per-message extras (a participant's `name`) do not change what the model reads here.
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -104,6 +150,13 @@ def chat_chunk(rid: str, model: str, delta: dict[str, str], finish_reason: str |
         chunk["usage"] = usage(stats)
         chunk["speculative"] = speculative(stats, drafter)
     return chunk
+
+
+def usage_chunk(rid: str, model: str, kind: str, stats: GenerationStats, drafter: str) -> dict[str, Any]:
+    """stream_options.include_usage: a last chunk with no choices and the request's usage."""
+    return {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion.chunk",
+            "created": int(time.time()), "model": model, "choices": [], "usage": usage(stats),
+            "speculative": speculative(stats, drafter)}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
