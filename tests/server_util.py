@@ -48,25 +48,12 @@ def running_server(*args: str, env: dict | None = None, timeout: float = 120.0):
 def serving(engine, config):
     """`create_app(engine, config)` under uvicorn in this process, on a free loopback port:
     yields the base URL and the app (its scheduler is `app.state.scheduler`)."""
-    import threading
-
-    import uvicorn
-
     from specdec.server.app import create_app
+    from specdec.server.background import serve_in_thread
 
     app = create_app(engine, config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serve_in_thread(app) as base:
+        yield base, app
 
 
 def metric_samples(base: str) -> dict[tuple[str, tuple], float]:

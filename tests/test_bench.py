@@ -148,3 +148,22 @@ def test_ideal_speedup_is_the_seed_formula():
     assert ideal_speedup(0.5, curve, 1.0, 2) == pytest.approx(1.75 * 10 / 14)
     # adaptive: the best k; here k = 1 (1.5 x 10 / 12 = 1.25) beats k = 2 (1.25) and k = 3 (1.14)
     assert ideal_speedup(0.5, curve, 1.0, None) == pytest.approx(max(1.5 * 10 / 12, 1.75 * 10 / 14, 1.875 * 10 / 16))
+
+
+def test_soak_loses_nothing_leaks_nothing_and_texts_equal_requests_alone(tiny_model_dir, tmp_path):
+    """A short `bench --soak`: 8 streams for 8 s on the tiny model, 30 % hanging up."""
+    proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--soak", "8", "--streams", "8",
+                           "--disconnect-rate", "0.3", "--max-new-tokens", "24", "--target", str(tiny_model_dir),
+                           "--drafter", "ngram", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert result["requests"] == result["completed"] + result["disconnected"] + result["lost"]
+    assert result["completed"] >= 8 and result["disconnected"] >= 1
+    assert result["lost"] == 0 and result["running_after"] == 0 and result["queued_after"] == 0
+    assert result["identical_to_alone"] == result["completed"]  # greedy, exact on this backend
+
+
+def test_soak_refuses_bad_settings(tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--soak", "5", "--disconnect-rate", "1.5",
+                           "--target", str(tiny_model_dir)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "disconnect-rate" in proc.stderr

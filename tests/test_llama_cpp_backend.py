@@ -34,8 +34,11 @@ def engine():
 def plain_logits(engine, ids):
     model = engine.target
     cache = model.new_cache()
-    model.prefill(torch.tensor(ids[:-1]), cache)
-    return model.forward(torch.tensor(ids[-1:]), cache, 1)[0].clone()
+    try:
+        model.prefill(torch.tensor(ids[:-1]), cache)
+        return model.forward(torch.tensor(ids[-1:]), cache, 1)[0].clone()
+    finally:
+        model.release(cache)
 
 
 @pytest.mark.slow
@@ -84,15 +87,34 @@ def test_llama_cpp_sequences_are_independent_and_released(engine):
         engine.generate(PROMPTS[1], max_new_tokens=2)
 
 
-def test_a_finished_generation_hands_its_sequence_back_while_still_held(engine):
+def test_a_sequence_is_taken_at_the_first_step_and_handed_back_at_the_finish(engine):
     model = engine.target
-    free = len(model._free)
-    held = [engine.start(PROMPTS[1], SamplingParams(max_new_tokens=2, num_draft_tokens=0)) for _ in range(3)]
-    assert len(model._free) == free - 3
+    free = model.free_sequences
+    held = [engine.start(PROMPTS[1], SamplingParams(max_new_tokens=3, num_draft_tokens=0)) for _ in range(3)]
+    assert model.free_sequences == free  # a started (queued) request holds nothing
+    for generation in held:
+        generation.step()
+    assert model.free_sequences == free - 3
     for generation in held:
         generation.run()
-    assert len(model._free) == free  # at the finish, not when the server drops its reference
+    assert model.free_sequences == free  # at the finish, not when the server drops its reference
     assert all(g.cache.seq_id is None for g in held)  # and their caches can no longer touch the ids
+
+
+def test_a_closed_generation_hands_its_sequence_back_and_cannot_step(engine):
+    model = engine.target
+    free = model.free_sequences
+    generation = engine.start(PROMPTS[1], SamplingParams(max_new_tokens=30, num_draft_tokens=2))
+    generation.step()
+    generation.close()
+    generation.close()  # twice is harmless
+    assert model.free_sequences == free
+    with pytest.raises(RuntimeError, match="closed"):
+        generation.step()
+    stream = engine.stream(PROMPTS[1], max_new_tokens=30)
+    next(stream)
+    stream.close()  # a consumer that stops early
+    assert model.free_sequences == free
 
 
 def test_llama_cpp_backend_rejects_non_gguf_and_self_draft(tmp_path):
@@ -131,7 +153,9 @@ def test_llama_cpp_forward_batch_gives_each_sequence_its_own_logits(engine):
     for ids, cache in zip(prompts, caches):
         model.prefill(torch.tensor(ids[:-3]), cache)
     batched = model.forward_batch([torch.tensor(ids[-3:]) for ids in prompts], caches, [3, 1, 2])
-    model.forward(torch.tensor(prompts[0][:2]), model.new_cache(), 2)  # would overwrite shared buffers
+    other = model.new_cache()
+    model.forward(torch.tensor(prompts[0][:2]), other, 2)  # would overwrite shared buffers
+    model.release(other)
     assert [tuple(t.shape) for t in batched] == [(3, model.vocab_size), (1, model.vocab_size), (2, model.vocab_size)]
     for ids, cache, logits in zip(prompts, caches, batched):
         assert model.cache_length(cache) == len(ids)
@@ -142,6 +166,8 @@ def test_llama_cpp_forward_batch_gives_each_sequence_its_own_logits(engine):
             assert float((logits[row] - alone).abs().max()) < 3.0
             top2 = alone.topk(2).values
             assert int(logits[row].argmax()) == int(alone.argmax()) or float(top2[0] - top2[1]) < 0.5
+    for cache in caches:
+        model.release(cache)
 
 
 def test_a_batch_on_llama_cpp_reads_each_joining_prompt_in_a_pass_of_its_own(engine):

@@ -154,6 +154,7 @@ def test_split_logits_equal_llama_cpp_own_head_at_every_verified_position(gguf_p
         cache = model.new_cache()
         model.prefill(ids[:6], cache)
         logits.append(model.forward(ids[6:], cache, 5).clone())  # a verify: logits at 5 positions
+        model.release(cache)
         del model
     own, ours = logits
     assert own.shape == ours.shape == (5, split.vocab_size)

@@ -114,10 +114,10 @@ class Generation:
     def open(self) -> None:
         """Take this sequence's caches (the first step does it). Call it on the thread that
         steps the generation: llama.cpp and the GPU pool are not safe across threads."""
+        if self.closed:
+            raise RuntimeError("generation is closed: its caches were handed back")
         if self.cache is not None:
             return
-        if self.closed:
-            raise RuntimeError("generation is closed")
         self.cache = self.target.new_cache()
         share = getattr(self.drafter, "share_context", None)
         if share is not None:  # a self-draft reads context it has not seen from the target's cache

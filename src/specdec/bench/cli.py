@@ -43,6 +43,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--control", action="store_true",
                    help="serving mode: run plain decoding twice ('plain-again'), interleaved with the others: "
                         "its ratio to plain sizes this machine's run-to-run noise")
+    p.add_argument("--soak", type=float, metavar="SECONDS",
+                   help="soak mode: a real server under --streams clients streaming for SECONDS, some hanging up; "
+                        "reports lost requests and leaked slots (exit 1 if any)")
+    p.add_argument("--streams", type=int, default=32, help="soak mode: clients streaming at once (default: 32)")
+    p.add_argument("--disconnect-rate", type=float, default=0.2,
+                   help="soak mode: share of requests whose client hangs up mid-stream (default: 0.2)")
     p.add_argument("--out", help="output directory (default: bench-out/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
@@ -76,6 +82,8 @@ def _bench(args: argparse.Namespace) -> int:
         if args.cuda_graphs:
             self_draft = graph_decoder_for(self_draft)
 
+    if args.soak is not None:
+        return _bench_soak(args, engine.with_drafter(drafters[0], self_draft if "self" in drafters[0] else None))
     if args.serve:
         variants = [(d, engine.with_drafter(d, self_draft if "self" in d else None)) for d in drafters]
         return _bench_serving(args, engine, variants, prompts)
@@ -119,6 +127,27 @@ def _bench(args: argparse.Namespace) -> int:
     if mismatched:
         print(f"warning: {len(mismatched)} speculative greedy outputs differed from plain decoding", file=sys.stderr)
     return 0
+
+
+def _bench_soak(args: argparse.Namespace, engine) -> int:
+    import json
+
+    from .soak import soak
+
+    if args.soak <= 0 or args.streams < 1 or not 0 <= args.disconnect_rate <= 1:
+        raise SpecDecError("--soak must be > 0 seconds, --streams >= 1, --disconnect-rate in [0, 1]")
+    engine.reserve_sequences(args.streams)
+    result = soak(engine, args.soak, args.streams, args.disconnect_rate, args.max_new_tokens, args.seed)
+    out_dir = Path(args.out or f"bench-out/soak-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "machine": _machine(engine.target.device), "target": engine.target.name,
+               "drafter": engine.drafter_name, "command": "specdec " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+               **result.summary()}
+    (out_dir / "soak.json").write_text(json.dumps(summary, indent=1))
+    print("\n".join(result.lines()))
+    print(f"results: {out_dir / 'soak.json'}", file=sys.stderr)
+    return 1 if result.lost or result.leaked_slots or result.running_after or result.queued_after else 0
 
 
 def _measured_costs(engine, runs, prompt) -> dict:

@@ -28,6 +28,9 @@ class ServerMetrics:
         self.acceptance_rate = Gauge("specdec_acceptance_rate", "Accepted / drafted tokens since start", registry=r)
         self.acceptance_rate.set_function(self._acceptance_rate)
         self.queue_depth = Gauge("specdec_queue_depth", "Requests waiting for a slot", registry=r)
+        self.free_sequences = Gauge("specdec_free_sequences",
+                                    "Sequence slots the backend has free (llama.cpp), when idle: all of them",
+                                    registry=r)
         self.running = Gauge("specdec_running_requests", "Requests being generated", registry=r)
         self.time_to_first_token = Histogram("specdec_time_to_first_token_seconds", "Arrival to first output token",
                                              buckets=LATENCY_BUCKETS, registry=r)

@@ -259,6 +259,9 @@ class Scheduler:
         with self._wake:
             self.metrics.queue_depth.set(len(self._waiting))
             self.metrics.running.set(len(self._running))
+        free = getattr(self.stepper.target, "free_sequences", None)  # read here, on the owner thread
+        if free is not None:
+            self.metrics.free_sequences.set(free)
 
 
 def request_timed_out() -> RequestFailed:
