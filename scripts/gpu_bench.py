@@ -37,9 +37,9 @@ from specdec import Engine, SamplingParams  # noqa: E402
 from specdec.drafters.model import ModelDrafter  # noqa: E402
 from specdec.drafters.synthetic import SyntheticDrafter  # noqa: E402
 from specdec.generation import Generation  # noqa: E402
-from specdec.models import gpu_kernels  # noqa: E402
-from specdec.models.graph_decoder import GraphDecoder, graph_decoder_for  # noqa: E402
-from specdec.models.hf import HFCausalLM  # noqa: E402
+from specdec.kernels import gpu_kernels  # noqa: E402
+from specdec.backends.graph_decoder import GraphDecoder, graph_decoder_for  # noqa: E402
+from specdec.backends.hf import HFCausalLM  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu-out"))
 HBM_SPEC_BPS = {"H100": 3.35e12, "H200": 4.8e12}  # datasheet bandwidth: the floor

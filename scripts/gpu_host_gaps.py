@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, "scripts")
 from gpu_bench import llama, timed_generation  # noqa: E402
 
-import specdec.generation as generation_module  # noqa: E402
+from specdec import trace  # noqa: E402
 from specdec.drafters.model import ModelDrafter  # noqa: E402
 from specdec.drafters.synthetic import SyntheticDrafter  # noqa: E402
-from specdec.models.graph_decoder import GraphDecoder, graph_decoder_for  # noqa: E402
-from specdec.models.hf import HFCausalLM  # noqa: E402
+from specdec.backends.graph_decoder import graph_decoder_for  # noqa: E402
+from specdec.backends.hf import HFCausalLM  # noqa: E402
 
 
 def main() -> None:
@@ -29,35 +28,19 @@ def main() -> None:
     reference = prompt + plain.token_ids
 
     marks: dict[str, list[float]] = {"verdict": [], "committed": [], "emitted": [], "launch": []}
-    verify_greedy = generation_module.verify_greedy
 
-    def timed_verify(*args):
-        verdict = verify_greedy(*args)
-        marks["verdict"].append(time.perf_counter())
-        return verdict
-
-    commit, emit = generation_module.Generation._commit, generation_module.Generation._emit
-
-    def timed_commit(self, *args, **kwargs):
-        commit(self, *args, **kwargs)
-        marks["committed"].append(time.perf_counter())
-
-    def timed_emit(self, *args, **kwargs):
-        out = emit(self, *args, **kwargs)
-        marks["emitted"].append(time.perf_counter())
-        return out
-
-    forward = GraphDecoder.forward
-
-    def timed_forward(self, token_ids, cache, num_logits):
-        if self is draft and len(marks["launch"]) < len(marks["verdict"]):
-            marks["launch"].append(time.perf_counter())
-        return forward(self, token_ids, cache, num_logits)
+    def record(event: str, source, at: float) -> None:
+        if event in ("verdict", "committed", "emitted"):
+            marks[event].append(at)
+        elif event == "forward" and source is draft and len(marks["launch"]) < len(marks["verdict"]):
+            marks["launch"].append(at)  # the next step's first draft pass
 
     device_gaps(target, draft, reference, prompt, 0.8, 4)
-    generation_module.verify_greedy = timed_verify
-    generation_module.Generation._commit, generation_module.Generation._emit = timed_commit, timed_emit
-    GraphDecoder.forward = timed_forward
+    with trace.recording(record):
+        host_gaps(target, draft, reference, prompt, vocab, marks)
+
+
+def host_gaps(target, draft, reference, prompt, vocab, marks) -> None:
     for alpha, k in ((0.9, 6), (0.8, 4)):
         for key in marks:
             marks[key].clear()

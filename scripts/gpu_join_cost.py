@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_bench import llama  # noqa: E402
-from specdec.models.graph_decoder import graph_decoder_for  # noqa: E402
-from specdec.models.hf import HFCausalLM  # noqa: E402
+from specdec.backends.graph_decoder import graph_decoder_for  # noqa: E402
+from specdec.backends.hf import HFCausalLM  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu-out"))
 VOCAB, RUNNING, CONTEXT, PROMPT, FEED, REPEATS = 128256, 7, 300, 255, 4, 15

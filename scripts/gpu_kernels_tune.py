@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from specdec.models import gpu_kernels
+from specdec.kernels import gpu_kernels
 
 OUT = Path(os.environ.get("OUT", "gpu-out"))
 SHAPES = {  # name: (n, k) of the weight [n, k]

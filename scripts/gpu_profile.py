@@ -12,9 +12,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, "scripts")
 from gpu_bench import llama  # noqa: E402
 
-from specdec.models import gpu_kernels  # noqa: E402
-from specdec.models.graph_decoder import graph_decoder_for  # noqa: E402
-from specdec.models.hf import HFCausalLM  # noqa: E402
+from specdec.kernels import gpu_kernels  # noqa: E402
+from specdec.backends.graph_decoder import graph_decoder_for  # noqa: E402
+from specdec.backends.hf import HFCausalLM  # noqa: E402
 
 
 def event_ms(fn, repeats: int = 50) -> float:

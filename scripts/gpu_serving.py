@@ -35,8 +35,8 @@ from specdec.bench.serving import serve  # noqa: E402
 from specdec.drafters.model import ModelDrafter  # noqa: E402
 from specdec.drafters.synthetic import SyntheticDrafter  # noqa: E402
 from specdec.generation import Generation  # noqa: E402
-from specdec.models.graph_decoder import graph_decoder_for  # noqa: E402
-from specdec.models.hf import HFCausalLM  # noqa: E402
+from specdec.backends.graph_decoder import graph_decoder_for  # noqa: E402
+from specdec.backends.hf import HFCausalLM  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "gpu-out"))
 
@@ -219,28 +219,20 @@ class HostTimeline:
         self.marks: list[tuple[str, float]] = []  # ("verdict" | "draft" | "verify", host time)
 
     def __enter__(self) -> "HostTimeline":
-        import specdec.batching as batching
-        from specdec.models.graph_decoder import GraphDecoder
-        self._saved = (batching.verify_greedy_batch, GraphDecoder._batched_step)
-        read, launch = self._saved
+        from specdec import trace
 
-        def timed_read(*args):
-            out = read(*args)
-            self.marks.append(("verdict", time.perf_counter()))
-            return out
+        def record(event: str, source, at: float) -> None:
+            if event == "verdict":
+                self.marks.append(("verdict", at))
+            elif event == "batched_step":
+                self.marks.append(("verify" if source is self.target else "draft", at))
 
-        def timed_launch(decoder, *args):
-            out = launch(decoder, *args)
-            self.marks.append(("verify" if decoder is self.target else "draft", time.perf_counter()))
-            return out
-
-        batching.verify_greedy_batch, GraphDecoder._batched_step = timed_read, timed_launch
+        self._recording = trace.recording(record)
+        self._recording.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        import specdec.batching as batching
-        from specdec.models.graph_decoder import GraphDecoder
-        batching.verify_greedy_batch, GraphDecoder._batched_step = self._saved
+        self._recording.__exit__(*exc)
 
     def report(self) -> str:
         import statistics

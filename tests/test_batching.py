@@ -12,10 +12,10 @@ import torch
 from specdec import Engine, SamplingParams
 from specdec.batching import BatchStepper
 from specdec.draft_length import BatchDraftPlanner, DraftLengthPolicy
-from specdec.drafters.base import DraftProposal
-from specdec.models.base import PACKED, BatchLayout
-from specdec.models.compact_decoder import CompactDecoder
-from specdec.models.hf import HFCausalLM
+from specdec.drafters.base import DraftProposal, Drafter
+from specdec.backends.base import PACKED, BatchLayout
+from specdec.backends.compact_decoder import CompactDecoder
+from specdec.backends.hf import HFCausalLM
 import tiny
 from stats_util import chi2_critical, chi2_statistic
 from test_greedy_exactness import PROMPTS, reference_greedy
@@ -211,7 +211,7 @@ def test_long_prompts_and_self_drafts_have_their_prompt_read_before_the_step(mod
     assert prompt_passes == [len(PROMPTS[3]) - 1]
 
 
-class _BadDrafter:
+class _BadDrafter(Drafter):
     """Proposes a token id outside the vocabulary: the shared pass fails on it."""
 
     def propose(self, context, k, params, generator):
@@ -249,7 +249,7 @@ def _policies(acceptance: float, n: int) -> list[DraftLengthPolicy]:
     for _ in range(n):
         policy = DraftLengthPolicy()
         for _ in range(40):  # accept-history at the given rate: 10 drafts per observation
-            policy.observe(10, round(10 * acceptance) if acceptance < 1 else 10)
+            policy.record_step(10, round(10 * acceptance) if acceptance < 1 else 10)
         policies.append(policy)
     return policies
 
@@ -257,7 +257,7 @@ def _policies(acceptance: float, n: int) -> list[DraftLengthPolicy]:
 def _planner(fixed_s: float, per_row_s: float) -> BatchDraftPlanner:
     planner = BatchDraftPlanner()
     for rows in (8, 16, 48, 96):
-        planner.observe(rows, fixed_s + per_row_s * rows)
+        planner.record_verify(rows, fixed_s + per_row_s * rows)
     return planner
 
 
@@ -310,7 +310,7 @@ def _model_drafting(acceptance: float, n: int, draft_s_per_token: float) -> list
     """Policies whose drafts came from a draft model at this cost per token (as a lone probe sees it)."""
     policies = _policies(acceptance, n)
     for policy in policies:
-        policy.observe(1, 1, draft_s=draft_s_per_token)
+        policy.record_step(1, 1, draft_s=draft_s_per_token)
     return policies
 
 
@@ -320,27 +320,27 @@ def test_planner_starts_shared_draft_rounds_that_pay_for_the_whole_batch():
     # probe's draft costs 1.3 ms a token, and position-by-position planning drafts nothing.
     planner = BatchDraftPlanner()
     for rows, seconds in ((8, 0.0059), (16, 0.0060), (32, 0.0065), (48, 0.0067)):
-        planner.observe(rows, seconds)
+        planner.record_verify(rows, seconds)
     policies = _model_drafting(0.8, 8, draft_s_per_token=0.0013)
     assert planner.plan(policies, [50] * 8) == [0] * 8  # per-token costs only: the trap
     for sequences in (1, 8):
-        planner.observe_draft(sequences, rounds=3, seconds=3 * 0.0013)
+        planner.record_draft_rounds(sequences, rounds=3, seconds=3 * 0.0013)
     ks = planner.plan(policies, [50] * 8)
     assert len(set(ks)) == 1 and 2 <= ks[0] <= 6, ks  # every sequence drafts, in shared rounds
     # the same rounds at five times the cost no longer pay: back to plain steps
     dear = BatchDraftPlanner()
     for rows, seconds in ((8, 0.0059), (16, 0.0060), (32, 0.0065), (48, 0.0067)):
-        dear.observe(rows, seconds)
+        dear.record_verify(rows, seconds)
     for sequences in (1, 8):
-        dear.observe_draft(sequences, rounds=3, seconds=3 * 0.0065)
+        dear.record_draft_rounds(sequences, rounds=3, seconds=3 * 0.0065)
     assert sum(dear.plan(policies, [50] * 8)) <= 1  # a probe at most
 
 
 def test_planner_round_costs_count_only_the_sequences_still_drafting():
     planner = BatchDraftPlanner()
-    planner.observe(8, 0.006)
-    planner.observe_draft(1, rounds=1, seconds=0.001)
-    planner.observe_draft(4, rounds=1, seconds=0.002)
+    planner.record_verify(8, 0.006)
+    planner.record_draft_rounds(1, rounds=1, seconds=0.001)
+    planner.record_draft_rounds(4, rounds=1, seconds=0.002)
     policies = _model_drafting(0.8, 4, draft_s_per_token=0.001)
     # rounds 1-2 feed 4 sequences, round 3 feeds 1
     assert planner.plan_cost(policies, [2, 2, 3, 2]) == pytest.approx(planner.verify_cost(13) + 2 * 0.002 + 0.001)
@@ -351,7 +351,7 @@ def test_planner_does_not_probe_where_no_draft_row_could_pay():
     # that is always accepted cannot beat plain steps, so probing only costs.
     planner = _planner(fixed_s=0.0, per_row_s=0.01)
     policies = _policies(0.1, 4)
-    planner.observe(5, 0.05)  # a pass one row longer than these 4 sequences' plain step, measured
+    planner.record_verify(5, 0.05)  # a pass one row longer than these 4 sequences' plain step, measured
     assert all(planner.plan(policies, [50] * 4) == [0] * 4 for _ in range(100))
     unmeasured = _planner(fixed_s=0.0, per_row_s=0.01)  # until it is, probes measure it
     assert sum(sum(unmeasured.plan(policies, [50] * 4)) for _ in range(100)) >= 4
@@ -364,7 +364,7 @@ def test_planner_counts_the_hosts_overhead_in_a_steps_cost():
     k is: counted, it makes the same dear rows worth drafting; left out, they are not."""
     planner = _planner(fixed_s=0.0, per_row_s=0.01)
     assert planner.plan(_policies(0.3, 8), [50] * 8) == [0] * 8
-    planner.observe_overhead(0.5)
+    planner.record_overhead(0.5)
     assert planner.step_overhead == 0.5
     assert sum(planner.plan(_policies(0.3, 8), [50] * 8)) > 0
 
@@ -389,7 +389,7 @@ def test_planner_drafts_below_a_padded_pass_widest_feed_where_a_packed_one_would
     def planner(layout: BatchLayout) -> BatchDraftPlanner:
         planner = BatchDraftPlanner(layout=layout)
         for rows in (2, 4, 6, 8, 10, 12, 16, 20):
-            planner.observe(rows, 0.005 + 0.0004 * rows)
+            planner.record_verify(rows, 0.005 + 0.0004 * rows)
         return planner
 
     policies = _model_drafting(0.95, 1, draft_s_per_token=0.0002) + _model_drafting(0.6, 1, draft_s_per_token=0.0002)
@@ -406,12 +406,12 @@ def test_one_slow_step_does_not_move_the_planners_k():
     planner = BatchDraftPlanner()
     for _ in range(5):
         for width, seconds in ((1, 0.0059), (2, 0.0060), (3, 0.0063), (4, 0.0065), (5, 0.0068), (6, 0.0071)):
-            planner.observe(8 * width, seconds)
+            planner.record_verify(8 * width, seconds)
         for sequences in (1, 8):
-            planner.observe_draft(sequences, rounds=3, seconds=3 * 0.00126)
+            planner.record_draft_rounds(sequences, rounds=3, seconds=3 * 0.00126)
     policies = _model_drafting(0.8, 8, draft_s_per_token=0.00016)
     before = planner.plan(policies, [50] * 8)
     assert len(set(before)) == 1 and before[0] >= 2
-    planner.observe(8 * (before[0] + 1), 0.012)  # one step of that K at twice its cost
-    planner.observe_draft(8, rounds=1, seconds=0.005)
+    planner.record_verify(8 * (before[0] + 1), 0.012)  # one step of that K at twice its cost
+    planner.record_draft_rounds(8, rounds=1, seconds=0.005)
     assert planner.plan(policies, [50] * 8) == before

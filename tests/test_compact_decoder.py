@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from specdec import Engine
-from specdec.models import compact_decoder
-from specdec.models.compact_decoder import CompactDecoder, UnsupportedArchitecture
-from specdec.models.hf import HFCausalLM
-from specdec.models.self_draft import build_self_draft
+from specdec.backends import compact_decoder
+from specdec.backends.compact_decoder import CompactDecoder, UnsupportedArchitecture
+from specdec.backends.hf import HFCausalLM
+from specdec.draft_models.self_draft import build_self_draft
 import tiny
 from test_greedy_exactness import PROMPTS, reference_greedy, run
 
@@ -96,10 +96,8 @@ def test_subset_vocabulary_self_draft_is_exact(target_gemma, k):
 
 
 def test_compute_estimate_counts_the_same_weights_as_for_transformers_models():
-    from specdec.bench.runs import flops_per_token
-
     reference, compact = _pair("llama")
-    assert flops_per_token(compact) == flops_per_token(reference) > 0
+    assert compact.flops_per_token() == reference.flops_per_token() > 0
     subset = CompactDecoder(reference.model, "s", torch.float32, set(), reference.vocab_size, torch.arange(10))
     head = reference.model.get_output_embeddings().weight
-    assert flops_per_token(reference) - flops_per_token(subset) == 2.0 * (head.shape[0] - 10) * head.shape[1]
+    assert reference.flops_per_token() - subset.flops_per_token() == 2.0 * (head.shape[0] - 10) * head.shape[1]

@@ -4,9 +4,9 @@ import torch
 
 import shutil
 
-from specdec.models import native_matmul
-from specdec.models.compact_decoder import Int8Weight
-from specdec.models.cpu_matmul import SPLIT_MIN_WEIGHTS, FewRowLinear, _native_product, few_row_product, int8_product
+from specdec.kernels import native_matmul
+from specdec.backends.compact_decoder import Int8Weight
+from specdec.kernels.cpu_matmul import SPLIT_MIN_WEIGHTS, FewRowLinear, _native_product, few_row_product, int8_product
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -59,7 +59,7 @@ def test_native_kernel_builds_where_a_compiler_exists():
     (17, 37, 603, True),  # more rows than one group of accumulators holds (16), then one
 ])
 def test_native_kernel_matches_float64_on_every_tail(monkeypatch, rows, out_features, in_features, split):
-    import specdec.models.cpu_matmul as cpu_matmul
+    import specdec.kernels.cpu_matmul as cpu_matmul
 
     monkeypatch.setattr(cpu_matmul, "NATIVE_SPLIT_MIN_BYTES", 0 if split else 1 << 60)
     torch.manual_seed(rows)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import specdec
-from specdec.models.cpu_matmul import set_few_row_matmul
+from specdec.kernels.cpu_matmul import set_few_row_matmul
 
 PROMPTS = [
     "The James Webb Space Telescope is a space telescope designed to conduct infrared astronomy. "
@@ -19,7 +19,7 @@ PROMPTS = [
 def test_default_model_runs_on_llama_cpp_with_ngram_and_the_split_head():
     """By the benchmark, the default model's fastest CPU path (README, llama.cpp backend)."""
     pytest.importorskip("llama_cpp")
-    from specdec.models import native_matmul
+    from specdec.kernels import native_matmul
 
     engine = specdec.load(device="cpu")
     assert type(engine.target).__name__ == "LlamaCppCausalLM" and engine.drafter_name == "ngram"

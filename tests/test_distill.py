@@ -11,9 +11,9 @@ import torch
 import specdec
 from specdec.cli import main
 from specdec.errors import SpecDecError, VocabularyMismatchError
-from specdec.models.distilled_draft import (TargetIdentity, build_draft_module, initial_layers,
+from specdec.draft_models.distilled_draft import (TargetIdentity, build_draft_module, initial_layers,
                                             load_distilled_draft, save_draft)
-from specdec.models.loading import load_model
+from specdec.loading.loader import load_model
 
 from tiny import llama, tokenizer
 

@@ -13,9 +13,9 @@ VERIFY_S = {1: 0.125, 2: 0.102, 3: 0.117, 4: 0.122, 5: 0.113, 6: 0.126, 7: 0.154
 def _trained(acceptance_pattern: list[tuple[int, int]], draft_s_per_token: float) -> DraftLengthPolicy:
     policy = DraftLengthPolicy()
     for positions, seconds in VERIFY_S.items():
-        policy.observe(positions - 1, 0, verify_s=seconds)  # teach the verify curve (no drafts)
+        policy.record_step(positions - 1, 0, verify_s=seconds)  # teach the verify curve (no drafts)
     for drafted, accepted in acceptance_pattern:
-        policy.observe(drafted, accepted, verify_s=VERIFY_S[drafted + 1], draft_s=drafted * draft_s_per_token)
+        policy.record_step(drafted, accepted, verify_s=VERIFY_S[drafted + 1], draft_s=drafted * draft_s_per_token)
     return policy
 
 
@@ -32,7 +32,7 @@ def test_starts_at_the_initial_length_and_respects_the_budget():
 
 def test_fixed_length_never_changes():
     policy = DraftLengthPolicy(fixed=3)
-    policy.observe(3, 0, verify_s=1.0, draft_s=1.0)
+    policy.record_step(3, 0, verify_s=1.0, draft_s=1.0)
     assert policy.next(budget=10) == 3 and policy.next(budget=1) == 1
 
 
@@ -53,7 +53,7 @@ def test_costly_draft_with_low_acceptance_turns_speculation_off_but_keeps_probin
 def test_acceptance_counts_positions_up_to_the_first_rejection():
     policy = DraftLengthPolicy()
     for _ in range(200):
-        policy.observe(4, 2)  # two accepted, the third rejected, the fourth never checked
+        policy.record_step(4, 2)  # two accepted, the third rejected, the fourth never checked
     assert policy.acceptance == pytest.approx(2 / 3, abs=0.01)
 
 
@@ -70,7 +70,7 @@ def test_timing_free_policy_ignores_timings_so_seeded_samples_repeat():
         for accepted in (3, 4, 1, 4, 4, 0, 2):
             k = policy.next(budget=100)
             picks.append(k)
-            policy.observe(k, min(accepted, k), verify_s=slow * (k + 1), draft_s=slow * k)
+            policy.record_step(k, min(accepted, k), verify_s=slow * (k + 1), draft_s=slow * k)
     assert picks_a == picks_b and max(picks_a) > 0
 
 
@@ -79,7 +79,7 @@ def test_bursty_acceptance_drafts_long_inside_a_copied_span_and_short_outside():
     pattern = ([(4, 4)] * 6 + [(4, 0)] * 6) * 4
     policy = _trained(pattern, draft_s_per_token=0.0)
     after_reject = policy.next(budget=100)
-    policy.observe(4, 4, verify_s=VERIFY_S[5])
+    policy.record_step(4, 4, verify_s=VERIFY_S[5])
     after_full_accept = policy.next(budget=100)
     assert after_full_accept >= 5 > after_reject
 
@@ -94,7 +94,7 @@ def test_a_new_generation_starts_from_the_costs_earlier_generations_measured():
     first = DraftLengthPolicy(costs=memory)
     assert first.next(budget=100) == INITIAL_DRAFT_TOKENS  # nothing known yet
     for positions, seconds in LLAMA_CPP_VERIFY_S.items():
-        first.observe(positions - 1, 0, verify_s=seconds)
+        first.record_step(positions - 1, 0, verify_s=seconds)
     second, fresh = DraftLengthPolicy(costs=memory), DraftLengthPolicy()
     assert second.measured_positions == [1, 2, 3, 4, 5] and fresh.measured_positions == []
     # At the prior acceptance (0.7) no k pays on this curve: the new generation starts plain
@@ -102,7 +102,7 @@ def test_a_new_generation_starts_from_the_costs_earlier_generations_measured():
     assert second.next(budget=100) == 0 == _best_by_brute_force(second, 4)
     assert fresh.next(budget=100) == INITIAL_DRAFT_TOKENS
     # and what it measures refines the shared memory for the next one
-    second.observe(1, 1, verify_s=0.0300, draft_s=0.004)
+    second.record_step(1, 1, verify_s=0.0300, draft_s=0.004)
     assert memory.verify_s[2] == pytest.approx(0.7 * 0.0265 + 0.3 * 0.0300)
     assert memory.draft_s_per_token == pytest.approx(0.004)
 
@@ -112,7 +112,7 @@ def test_a_seeded_policy_neither_reads_nor_writes_the_shared_costs():
     memory.verify_s.update(LLAMA_CPP_VERIFY_S)
     seeded = DraftLengthPolicy(timing_free_draft_cost=0.2, costs=memory)
     assert seeded.measured_positions == [1]  # its own unit cost only
-    seeded.observe(2, 1, verify_s=9.0, draft_s=9.0)
+    seeded.record_step(2, 1, verify_s=9.0, draft_s=9.0)
     assert memory.verify_s == LLAMA_CPP_VERIFY_S and memory.draft_s_per_token is None
 
 
@@ -135,9 +135,9 @@ def test_probes_are_rarer_where_a_probe_costs_a_whole_extra_step():
     def probes_in(verify_s: dict[int, float], steps: int, draft_fraction: float = 0.3) -> int:
         policy = DraftLengthPolicy()
         for positions, seconds in verify_s.items():
-            policy.observe(positions - 1, 0, verify_s=seconds)
+            policy.record_step(positions - 1, 0, verify_s=seconds)
         for _ in range(60):  # nothing accepted lately: speculation is off
-            policy.observe(1, 0, draft_s=draft_fraction * verify_s[1])
+            policy.record_step(1, 0, draft_s=draft_fraction * verify_s[1])
         picks = [policy.next(budget=100) for _ in range(steps)]
         assert set(picks) <= {0, 1}
         return picks.count(1)
@@ -159,10 +159,10 @@ def test_a_costly_resume_makes_probes_rarer_than_its_per_token_cost_would():
     costs, and it spaces the probes; its per-token cost while drafting stays what it was."""
     def probes(resume_s: float | None) -> int:
         policy = DraftLengthPolicy()
-        policy.observe(0, 0, verify_s=0.100)
-        policy.observe(1, 0, verify_s=0.101)
+        policy.record_step(0, 0, verify_s=0.100)
+        policy.record_step(1, 0, verify_s=0.101)
         for _ in range(60):
-            policy.observe(1, 0, draft_s=0.03, resume_s=resume_s)
+            policy.record_step(1, 0, draft_s=0.03, resume_s=resume_s)
         assert policy.draft_cost_per_token == pytest.approx(0.03)
         return [policy.next(budget=100) for _ in range(64)].count(1)
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from specdec.models import gpu_kernels
+from specdec.kernels import gpu_kernels
 
 pytestmark = pytest.mark.skipif(not gpu_kernels.available(), reason="needs Triton")
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from specdec import Engine, SamplingParams
-from specdec.models import gpu_kernels
-from specdec.models.compact_decoder import CompactDecoder
-from specdec.models.graph_decoder import GRAPH_MAX_TOKENS, GraphDecoder, graph_decoder_for
-from specdec.models.hf import HFCausalLM
+from specdec.kernels import gpu_kernels
+from specdec.backends.compact_decoder import CompactDecoder
+from specdec.backends.graph_decoder import GRAPH_MAX_TOKENS, GraphDecoder, graph_decoder_for
+from specdec.backends.hf import HFCausalLM
 import tiny
 from test_compact_decoder import worst_gap_through_rewinds
 from test_greedy_exactness import PROMPTS

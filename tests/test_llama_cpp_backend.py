@@ -172,7 +172,7 @@ def test_llama_cpp_forward_batch_gives_each_sequence_its_own_logits(engine):
 
 def test_a_batch_on_llama_cpp_reads_each_joining_prompt_in_a_pass_of_its_own(engine):
     # llama.cpp's mixed batch (a prompt beside others' rows) cost more than the prompt apart
-    # plus the batch (models.base.reads_prompts_in_batches), so its joiners prefill first.
+    # plus the batch (CausalLM.prompts_join_batches), so its joiners prefill first.
     from specdec.batching import BatchStepper
     model = engine.target
     prompts = [engine.encode(p) for p in PROMPTS]

@@ -1,5 +1,5 @@
 """The split head: llama.cpp runs the model without its output head, our Q8_0 product computes
-the logits of every verified position in one pass (models/llama_cpp_head.py, native/q8_0_head.c)."""
+the logits of every verified position in one pass (backends/llama_cpp_head.py, native/q8_0_head.c)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from specdec.models import llama_cpp_head, native_matmul
+from specdec.backends import llama_cpp_head, llama_cpp_split
+
+from specdec.kernels import native_matmul
 
 library = native_matmul.library()
 needs_kernel = pytest.mark.skipif(library is None or not library.q8_0_head_vectorized(),
@@ -128,14 +130,14 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    from specdec.models.registry import REGISTRY
+    from specdec.loading.registry import REGISTRY
 
     return REGISTRY["gemma-3-270m"].locate()
 
 
 @pytest.fixture(scope="module")
 def split(gguf_path):
-    head = llama_cpp_head.split_head_for(gguf_path)
+    head = llama_cpp_split.split_head_for(gguf_path)
     if head is None:
         pytest.skip("no split head here (native kernel or check)")
     return head
@@ -144,7 +146,7 @@ def split(gguf_path):
 @pytest.mark.slow
 @needs_kernel
 def test_split_logits_equal_llama_cpp_own_head_at_every_verified_position(gguf_path, split):
-    from specdec.models.llama_cpp_backend import LlamaCppCausalLM
+    from specdec.backends.llama_cpp_backend import LlamaCppCausalLM
 
     ids = torch.tensor([2, 818, 5279, 529, 7001, 563, 506, 1494, 236761, 108, 2094, 5588, 236787])
     logits = []
@@ -170,26 +172,26 @@ def test_split_check_fails_on_a_wrong_input_scale(split):
     from dataclasses import replace
 
     wrong = replace(split, input_scale=1.0)
-    result = llama_cpp_head.check(wrong)
+    result = llama_cpp_split.check(wrong)
     assert not result["passed"]
-    assert llama_cpp_head.check(split)["passed"]
+    assert llama_cpp_split.check(split)["passed"]
 
 
 @pytest.mark.slow
 @needs_kernel
 def test_split_record_is_rederived_when_its_body_is_missing(split, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
-    first = llama_cpp_head.split_head_for(split.source)
+    first = llama_cpp_split.split_head_for(split.source)
     assert first is not None and first.body.is_file() and str(first.body).startswith(str(tmp_path))
     first.body.unlink()
-    second = llama_cpp_head.split_head_for(split.source)
+    second = llama_cpp_split.split_head_for(split.source)
     assert second is not None and second.body.is_file()
     assert second.eos_token_ids == split.eos_token_ids
 
 
 def test_split_head_can_be_turned_off(gguf_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_LLAMA_CPP_HEAD", "0")
-    assert llama_cpp_head.split_head_for(gguf_path) is None
+    assert llama_cpp_split.split_head_for(gguf_path) is None
 
 
 def test_split_is_refused_for_a_head_it_has_no_product_for(tmp_path):
@@ -204,6 +206,6 @@ def test_split_is_refused_for_a_head_it_has_no_product_for(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    record = llama_cpp_head._derive(source, tmp_path / "derived")
+    record = llama_cpp_head.derive(source, tmp_path / "derived")
     assert record["usable"] is False and "F32" in record["reason"] and "Q6_K" in record["reason"]
     assert not (tmp_path / "derived" / "body.gguf").exists()

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from specdec.models import compact_decoder
-from specdec.models.compact_decoder import CompactDecoder
+from specdec.backends import compact_decoder
+from specdec.backends.compact_decoder import CompactDecoder
 import tiny
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec.models.registry import REGISTRY
+from specdec.loading.registry import REGISTRY
 
 QWEN = REGISTRY["qwen2.5-coder-1.5b-instruct"]
 pytestmark = [pytest.mark.slow,
@@ -21,10 +21,10 @@ def engine():
 
 
 def test_qwen_q6_k_split_head_equals_llama_cpp_own_at_every_verified_position(engine):
-    from specdec.models import llama_cpp_head
-    from specdec.models.llama_cpp_backend import LlamaCppCausalLM
+    from specdec.backends import llama_cpp_head, llama_cpp_split
+    from specdec.backends.llama_cpp_backend import LlamaCppCausalLM
 
-    split = llama_cpp_head.split_head_for(engine.target.path)
+    split = llama_cpp_split.split_head_for(engine.target.path)
     if split is None:
         pytest.skip("no split head here (native kernel)")
     assert split.head_type == llama_cpp_head.Q6_K

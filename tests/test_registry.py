@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from specdec.errors import ModelLoadError
-from specdec.models.assembly import Part, assemble, is_assembled
-from specdec.models.registry import REGISTRY
+from specdec.loading.assembly import Part, assemble, is_assembled
+from specdec.loading.registry import REGISTRY
 
 
 def _parts(tmp_path, contents: list[bytes], recorded: list[bytes] | None = None) -> list[Part]:

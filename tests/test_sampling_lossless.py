@@ -14,7 +14,7 @@ import torch
 
 from specdec import Engine, SamplingParams
 from specdec.logits import to_probs
-from specdec.models.hf import HFCausalLM
+from specdec.backends.hf import HFCausalLM
 import tiny
 from stats_util import chi2_critical, chi2_statistic
 
@@ -117,7 +117,7 @@ def test_sampled_generations_follow_target_law(pair, temperature, top_k, top_p, 
 
 
 def test_self_draft_sampling_follows_target_law(pair):
-    from specdec.models.self_draft import build_self_draft
+    from specdec.draft_models.self_draft import build_self_draft
 
     target, _ = pair
     params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=4, num_draft_tokens=2)
@@ -127,7 +127,7 @@ def test_self_draft_sampling_follows_target_law(pair):
 def test_int8_self_draft_sampling_follows_target_law():
     # int8 weights (weight-only, native one-token step) make q differ from the target's p by
     # quantization error: every sample must still follow p exactly.
-    from specdec.models.self_draft import build_self_draft
+    from specdec.draft_models.self_draft import build_self_draft
 
     target = HFCausalLM(tiny.llama(seed=3, vocab=VOCAB, hidden=32, dtype=torch.float32), "t16f", eos_token_ids=set())
     params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=4, num_draft_tokens=2)
@@ -137,7 +137,7 @@ def test_int8_self_draft_sampling_follows_target_law():
 def test_subset_vocabulary_self_draft_sampling_follows_target_law(pair):
     # The draft's head scores 6 of 16 tokens (plus the prompt's own): q is zero for the rest,
     # where every sample must come from the residual distribution.
-    from specdec.models.self_draft import build_self_draft
+    from specdec.draft_models.self_draft import build_self_draft
 
     target, _ = pair
     params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=6, num_draft_tokens=2)
@@ -171,7 +171,7 @@ def test_distilled_draft_sampling_follows_target_law(pair, tmp_path):
     # A draft directory made by specdec distill, loaded onto the float64 target: its head scores
     # 6 of 16 tokens, so q is zero elsewhere and those samples come from the residual.
     from specdec.distill.train import TrainingConfig, distil
-    from specdec.models.distilled_draft import TargetIdentity, load_distilled_draft
+    from specdec.draft_models.distilled_draft import TargetIdentity, load_distilled_draft
 
     target, _ = pair
     text = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))

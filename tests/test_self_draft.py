@@ -9,9 +9,9 @@ import torch
 
 import specdec
 from specdec import Engine
-from specdec.models.compact_decoder import CompactDecoder, compact_target_for
+from specdec.backends.compact_decoder import CompactDecoder, compact_target_for
 from specdec.sampling_params import SamplingParams
-from specdec.models.self_draft import build_self_draft, resolve_scheme
+from specdec.draft_models.self_draft import build_self_draft, resolve_scheme
 import tiny
 from test_greedy_exactness import PROMPTS, reference_greedy, run
 
@@ -116,7 +116,7 @@ def test_self_drafter_from_api_and_cli(tiny_model_dir):
 def test_transformers_clone_self_draft_is_exact_and_shares_the_embedding(target_gemma):
     # Where the compact decoder does not apply (here: forced), the self-draft is a transformers
     # clone with its own subset head.
-    from specdec.models import self_draft
+    from specdec.draft_models import self_draft
 
     ranking = torch.randperm(target_gemma.vocab_size, generator=torch.Generator().manual_seed(2))
     draft = self_draft._clone_self_draft(target_gemma, "bfloat16", 64, ranking)

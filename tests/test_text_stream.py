@@ -73,7 +73,7 @@ def test_incremental_text_equals_whole_decoding_with_the_default_tokenizer():
     # SentencePiece-style decoding (leading spaces, byte fallback) over real text and over random ids.
     import random
 
-    from specdec.models.loading import load_model
+    from specdec.loading.loader import load_model
     import torch
 
     tok = load_model(None, torch.device("cpu"), torch.float32).tokenizer

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from specdec.models.hf import HFCausalLM
+from specdec.backends.hf import HFCausalLM
 
 VOCAB = 384
 

@@ -8,12 +8,12 @@ import torch
 
 from .engine import Engine
 from .errors import SpecDecError
-from .models.distilled_draft import is_distilled_draft, load_distilled_draft
-from .models.compact_decoder import compact_target_for
-from .models.graph_decoder import graph_decoder_for
-from .models.hf import HFCausalLM
-from .models.loading import load_model, resolve_device, resolve_dtype
-from .models.self_draft import DEFAULT_DRAFT_VOCAB, SCHEMES, self_draft_for
+from .draft_models.distilled_draft import is_distilled_draft, load_distilled_draft
+from .backends.compact_decoder import compact_target_for
+from .backends.graph_decoder import graph_decoder_for
+from .backends.hf import HFCausalLM
+from .loading.loader import load_model, resolve_device, resolve_dtype
+from .draft_models.self_draft import DEFAULT_DRAFT_VOCAB, SCHEMES, self_draft_for
 
 
 
@@ -44,13 +44,13 @@ def load(
     installed and no self-draft is asked for, else torch (`resolve_backend`). Drafts named by
     a GGUF path load on the same backend as the target, others on torch.
     cuda_graphs: on a GPU, run supported architectures (Llama, Qwen2, Gemma 3) with a static
-    KV cache and CUDA-graph steps (models/graph_decoder.py); False keeps eager transformers.
+    KV cache and CUDA-graph steps (backends/graph_decoder.py); False keeps eager transformers.
     compact_target: on CPU, run a supported target on the compact decoder
-    (models/compact_decoder.py): the same greedy tokens as transformers on the project's
+    (backends/compact_decoder.py): the same greedy tokens as transformers on the project's
     benchmark, as fast for one request, and one packed pass for a batch of requests
     (the server's); False keeps transformers.
     """
-    _ensure_log_handler()
+    ensure_log_handler()
     resolved_device = resolve_device(device)
     backend = resolve_backend(backend, target, resolved_device, drafter)
     if drafter is None:
@@ -88,7 +88,7 @@ def load(
 
 
 def _shipped_draft_path(draft):
-    from .models.registry import DRAFTS
+    from .loading.registry import DRAFTS
 
     if draft is None or str(draft) not in DRAFTS:
         return draft
@@ -123,7 +123,7 @@ def resolve_backend(backend: str, target: str | os.PathLike | None, device: torc
         return backend
     if device.type != "cpu" or (drafter or "").endswith("self") or not _is_gguf_target(target):
         return "torch"
-    from .models import llama_cpp_backend
+    from .backends import llama_cpp_backend
 
     if not llama_cpp_backend.available():
         logging.getLogger("specdec").info(
@@ -134,7 +134,7 @@ def resolve_backend(backend: str, target: str | os.PathLike | None, device: torc
 
 
 def _is_gguf_target(target: str | os.PathLike | None) -> bool:
-    from .models.registry import REGISTRY
+    from .loading.registry import REGISTRY
 
     return target is None or str(target) in REGISTRY or str(target).endswith(".gguf")
 
@@ -145,7 +145,7 @@ def default_drafter(has_draft_model: bool, backend: str, device: torch.device) -
     return "ngram+self" if backend == "torch" and device.type == "cpu" else "ngram"
 
 
-def _ensure_log_handler() -> None:
+def ensure_log_handler() -> None:
     # Long steps (first-time GGUF conversion) must never sit silent: log to stderr unless the
     # application configured logging itself.
     logger = logging.getLogger("specdec")

@@ -30,8 +30,9 @@ import torch
 from .acceptance import Verdict, verify_greedy_batch
 from .draft_length import BatchDraftPlanner
 from .drafters.base import DraftFeed
+from . import trace
 from .generation import DraftedStep, Generation, StepOutput
-from .models.base import CausalLM, batch_layout, forward_batch, reads_prompts_in_batches
+from .backends.base import CausalLM
 
 log = logging.getLogger("specdec")
 
@@ -43,7 +44,7 @@ class BatchStepper:
                  prompts_in_verify: bool = True) -> None:
         """prompts_in_verify: a joining request's prompt is read in the step's shared verify
         pass (Generation.draft_steps), not by a pass of its own that the batch waits for, where
-        the target's batched pass does that for less (models.base.reads_prompts_in_batches);
+        the target's batched pass does that for less (CausalLM.prompts_join_batches);
         off, for comparison only."""
         self.target = target
         self.planner = planner or BatchDraftPlanner()
@@ -54,13 +55,13 @@ class BatchStepper:
         if len(generations) == 1:
             return [_guarded(generations[0].step)]
         began = time.perf_counter()
-        self.planner.layout = batch_layout(self.target)  # set per step: a pool reserved later pads
+        self.planner.layout = self.target.batch_layout  # set per step: a pool reserved later pads
         joining = not all(g.prefilled for g in generations)  # a prompt is read in this step
         ks = self.planner.plan([g.policy for g in generations], [g.draft_budget for g in generations])
         # Drafts are not waited for (timed=False): on a GPU the verify pass is queued behind
         # them while they run, and the clock times them on the device.
         clock = _DraftClock(self.target.device)
-        in_verify = self.prompts_in_verify and reads_prompts_in_batches(self.target)
+        in_verify = self.prompts_in_verify and self.target.prompts_join_batches
         drafts = self._draft([g.draft_steps(k, timed=False, prompt_in_verify=in_verify)
                               for g, k in zip(generations, ks)], clock)
         live = [i for i, d in enumerate(drafts) if isinstance(d, DraftedStep)]
@@ -73,6 +74,7 @@ class BatchStepper:
         verify_clock.stop()
         drafts = self._charge(drafts, clock)  # waits for the drafts only
         verdicts = _greedy_verdicts(generations, drafts, live, logits)
+        trace.mark("verdict")
         results: list[StepResult] = list(drafts)  # failures stay as they are
         for i, target_logits in zip(live, logits):
             results[i] = target_logits if isinstance(target_logits, BaseException) else \
@@ -82,8 +84,8 @@ class BatchStepper:
         if live and not joining and not any(isinstance(results[i], BaseException) for i in live):
             rows = self.planner.layout.rows([drafts[i].verify_ids.shape[0] for i in live])
             verify_s = verify_clock.elapsed()
-            self.planner.observe(rows, verify_s)
-            self.planner.observe_overhead(time.perf_counter() - began - clock.elapsed() - verify_s)
+            self.planner.record_verify(rows, verify_s)
+            self.planner.record_overhead(time.perf_counter() - began - clock.elapsed() - verify_s)
         return results
 
     def _draft(self, steps: list[Generator], clock: "_DraftClock") -> list[DraftedStep | BaseException]:
@@ -118,7 +120,7 @@ class BatchStepper:
         # What rounds cost, from steps without a catch-up: a draft resuming after steps off
         # first reads every token since (a prompt, for a new request), which is no round's cost.
         if clock.rounds and clock.widest <= self.planner.maximum + 1:
-            self.planner.observe_draft(clock.fed_sequences / clock.rounds, clock.rounds, elapsed)
+            self.planner.record_draft_rounds(clock.fed_sequences / clock.rounds, clock.rounds, elapsed)
         return [replace(d, draft_s=elapsed * clock.fed[i] / total) if isinstance(d, DraftedStep) and total else d
                 for i, d in enumerate(drafts)]
 
@@ -195,7 +197,7 @@ def _one_pass_or_each(model: CausalLM, ids: list[torch.Tensor], caches: list, nu
     the sequence at fault gets the error."""
     lengths = [model.cache_length(c) for c in caches]
     try:
-        return forward_batch(model, ids, caches, num_logits)
+        return model.forward_batch(ids, caches, num_logits)
     except Exception as exc:
         if len(ids) == 1:
             return [exc]

@@ -23,7 +23,7 @@ import math
 import statistics
 from collections import deque
 
-from .models.base import PACKED, BatchLayout
+from .backends.base import PACKED, BatchLayout
 from .sampling_params import MAX_DRAFT_TOKENS
 INITIAL_DRAFT_TOKENS = 4  # until the first costs are measured
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 4.0  # pseudo-observations behind the acceptance estimate
@@ -140,7 +140,7 @@ class DraftLengthPolicy:
         below = [n for n in self._verify_s if n < positions]
         return self._verify_s[max(below)] if below else min(self._verify_s.values())
 
-    def observe(self, num_drafted: int, num_accepted: int, verify_s: float | None = None,
+    def record_step(self, num_drafted: int, num_accepted: int, verify_s: float | None = None,
                 draft_s: float | None = None, resume_s: float | None = None) -> None:
         """resume_s: the seconds of a draft that first caught the draft model up on the tokens
         since its last draft (kept apart: it is what a probe costs, not a drafted token)."""
@@ -195,7 +195,7 @@ class BatchDraftPlanner:
     token, a round looks as dear to one sequence as to eight, and adding positions one at a
     time never starts the rounds that would pay for all of them (a lone probe's draft then
     looks dear, which keeps speculation off). So once round costs are measured (T_round of
-    m sequences, `observe_draft`), a plan's draft cost is the sum of its rounds'
+    m sequences, `record_draft_rounds`), a plan's draft cost is the sum of its rounds'
     (round r feeds the m_r sequences with k >= r), and plans giving every flexible sequence
     the same K rounds compete with the position-by-position plan. Sequences whose k is fixed
     (by the request, or by a seed that must reproduce) keep their own. A sequence left at 0
@@ -211,7 +211,7 @@ class BatchDraftPlanner:
         # next K (on an H100 at load 8, verifying 32 rows read 9.1 ms beside 8.2 for 40).
         self._verify_s: dict[int, float] = {}  # rows in the pass -> seconds
         self._verify_recent: dict[int, deque[float]] = {}
-        self._overhead_s: float | None = None  # a step's host work outside its passes (observe_overhead)
+        self._overhead_s: float | None = None  # a step's host work outside its passes (record_overhead)
         self._round_s: dict[int, float] = {}  # sequences in a draft-model round -> seconds
         self._round_recent: dict[int, deque[float]] = {}
         self._steps_off: dict[int, int] = {}  # id(policy) -> consecutive steps with k = 0
@@ -311,7 +311,7 @@ class BatchDraftPlanner:
         """Rows of the verify pass for these draft lengths, as the target lays them out."""
         return self.layout.rows([k + 1 for k in ks])
 
-    def observe_overhead(self, seconds: float) -> None:
+    def record_overhead(self, seconds: float) -> None:
         """A step's time outside its verify pass and draft rounds: the host's work between a
         step's verdicts and its next launch, while the GPU idles. Every step pays it whatever
         k is, so it is part of what a step's tokens are divided by: left out, the planner
@@ -322,7 +322,7 @@ class BatchDraftPlanner:
     def step_overhead(self) -> float:
         return self._overhead_s or 0.0
 
-    def observe_draft(self, sequences: float, rounds: int, seconds: float) -> None:
+    def record_draft_rounds(self, sequences: float, rounds: int, seconds: float) -> None:
         """A step's draft-model passes: `rounds` rounds of `sequences` sequences on average
         took `seconds` in all."""
         if rounds and sequences:
@@ -363,7 +363,7 @@ class BatchDraftPlanner:
             self._probe_at[key] = (at, interval)
         return ks
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def record_verify(self, rows: int, seconds: float) -> None:
         self._verify_s[rows] = _recent_median(self._verify_recent, rows, seconds)
 
     def verify_cost(self, rows: int) -> float:

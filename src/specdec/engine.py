@@ -10,12 +10,11 @@ from .drafters.model import ModelDrafter
 from .drafters.ngram import NGramDrafter
 from .errors import InvalidRequestError, SpecDecError, VocabularyMismatchError
 from .generation import Generation, GenerationOutput
-from .models.base import CausalLM
-from .models.flops import flops_per_token
+from .backends.base import CausalLM
 from .sampling_params import SamplingParams
 
 
-# model: a separate draft model; self: a cheaper copy of the target (models/self_draft.py);
+# model: a separate draft model; self: a cheaper copy of the target (draft_models/self_draft.py);
 # ngram: prompt lookup; ngram+model / ngram+self: lookup when it matches, the model otherwise.
 DRAFTERS = ("model", "self", "ngram", "ngram+model", "ngram+self", "none")
 MODEL_DRAFTERS = ("model", "self", "ngram+model", "ngram+self")
@@ -58,7 +57,7 @@ class Engine:
     def shared_kv_cells(self) -> int | None:
         """Cache positions that all running requests share, where a backend pools them
         (llama.cpp's unified cache): the least of its models'. None: each has its own cache."""
-        cells = [model.kv_cells for model in self._models if getattr(model, "kv_cells", None) is not None]
+        cells = [model.kv_cells for model in self._models if model.kv_cells is not None]
         return min(cells) if cells else None
 
     def reserve_sequences(self, count: int) -> None:
@@ -66,9 +65,7 @@ class Engine:
         GPU path their caches come from one pool, so every batched step runs as one captured
         graph. A no-op for models that need no preparing."""
         for model in {id(m): m for m in (self.target, self.draft_model) if m is not None}.values():
-            reserve = getattr(model, "reserve_sequences", None)
-            if reserve is not None:
-                reserve(count)
+            model.reserve_sequences(count)
 
     # ---- requests --------------------------------------------------------------------------
     def start(self, prompt: Prompt, params: SamplingParams) -> Generation:
@@ -102,8 +99,8 @@ class Engine:
         if self.draft_model is None or not self.drafter_name.endswith(("model", "self")):
             return 0.0
         if self._draft_cost is None:
-            target_flops = flops_per_token(self.target)
-            self._draft_cost = flops_per_token(self.draft_model) / target_flops if target_flops else 0.0
+            target_flops = self.target.flops_per_token()
+            self._draft_cost = self.draft_model.flops_per_token() / target_flops if target_flops else 0.0
         return self._draft_cost
 
     # ---- prompts ---------------------------------------------------------------------------
@@ -179,7 +176,7 @@ def _drafter_factory(name: str, target: CausalLM, draft_model: CausalLM | None) 
 
 
 def check_vocabularies(target: CausalLM, draft: CausalLM) -> None:
-    if getattr(target, "output_token_ids", None) is not None:
+    if target.output_token_ids is not None:
         raise VocabularyMismatchError(
             f"target {target.name!r} scores only part of its vocabulary: the target must score every token"
         )

@@ -19,15 +19,14 @@ from typing import Any, Generator
 import torch
 
 from .acceptance import Verdict, verify_greedy, verify_sampled
+from .backends.base import CausalLM, ChainsGreedySteps, pinned
 from .draft_length import CostMemory, DraftLengthPolicy
-from .drafters.base import (DraftFeed, DraftProposal, Drafter, ProposalSteps, empty_proposal, proposal_steps,
-                             release_cache, release_drafter,
-                             run_alone)
+from .drafters.base import DraftFeed, DraftProposal, Drafter, ProposalSteps, empty_proposal, run_alone
 from .logits import to_probs
-from .models.base import CausalLM, pinned
 from .sampling_params import SamplingParams
 from .stats import DRAFT, TARGET, GenerationStats
 from .text_stream import TextStream
+from . import trace
 
 
 # Longest prompt that a batch's joining request reads inside the shared verify pass. With its
@@ -107,7 +106,7 @@ class Generation:
         self._synchronize = torch.cuda.synchronize if adaptive and target.device.type == "cuda" else None
         # Plain greedy decoding on a model that chains its steps on the device (GPU graphs).
         plain = drafter is None or params.num_draft_tokens == 0
-        self._chained = plain and params.greedy and hasattr(target, "greedy_chain")
+        self._chained = plain and params.greedy and isinstance(target, ChainsGreedySteps)
         self._chain = None
 
     # ---- lifetime -------------------------------------------------------------------------
@@ -119,13 +118,12 @@ class Generation:
         if self.cache is not None:
             return
         self.cache = self.target.new_cache()
-        share = getattr(self.drafter, "share_context", None)
-        if share is not None:  # a self-draft reads context it has not seen from the target's cache
-            share(self.target, self.cache)
+        if self.drafter is not None:  # a self-draft reads context it has not seen from the target's cache
+            self.drafter.share_context(self.target, self.cache)
         # A self-draft copies the prompt from the target's cache instead of reading it: there
         # the target must have read it before the draft.
         self._prompt_may_join_verify = (self.prompt_length <= PROMPT_IN_VERIFY_MAX
-                                        and not getattr(self.drafter, "reads_target_cache", False))
+                                        and not (self.drafter is not None and self.drafter.reads_target_cache))
 
     def close(self) -> None:
         """Hand the caches back now: on finishing, and when a request is cancelled or fails.
@@ -136,8 +134,9 @@ class Generation:
         self.closed = True
         self._chain = None  # its queued steps write only into the cache handed back here
         if self.cache is not None:
-            release_cache(self.target, self.cache)
-        release_drafter(self.drafter)
+            self.target.release(self.cache)
+        if self.drafter is not None:
+            self.drafter.release()
 
     def __enter__(self) -> "Generation":
         return self
@@ -197,10 +196,13 @@ class Generation:
         verdict: already reached for these logits (a batch reads its greedy verdicts at once)."""
         if verdict is None:
             verdict = self._accept(target_logits, draft.proposal)
+            trace.mark("verdict")
         # After accept: its host read waits for the device's work.
         verify_s = None if verify_started is None else time.perf_counter() - verify_started
         self._commit(draft.proposal, verdict, draft_s=draft.draft_s, verify_s=verify_s)
+        trace.mark("committed")
         out = self._emit(draft.proposal, verdict)
+        trace.mark("emitted")
         if out.finished:
             self.close()
         return out
@@ -255,7 +257,7 @@ class Generation:
         k = self.policy.next(budget) if k is None else min(k, budget)
         if k == 0:
             return empty_proposal()
-        return (yield from proposal_steps(self.drafter, self.tokens[: self.length], k, self.params, self.generator))
+        return (yield from self.drafter.proposal_steps(self.tokens[: self.length], k, self.params, self.generator))
 
     def _accept(self, target_logits: torch.Tensor, proposal: DraftProposal) -> Verdict:
         if self.params.greedy:  # host drafts stay on the host: verify_greedy reads the target's picks once
@@ -279,7 +281,7 @@ class Generation:
         # (a probe) costs, which the policy weighs.
         catching_up = proposal.positions > 2 * max(num_drafted, 1)
         resuming = catching_up and num_drafted > 0 and self._drafted_before
-        self.policy.observe(num_drafted, verdict.num_accepted, verify_s=verify_s,
+        self.policy.record_step(num_drafted, verdict.num_accepted, verify_s=verify_s,
                             draft_s=None if catching_up else draft_s, resume_s=draft_s if resuming else None)
         self._drafted_before = self._drafted_before or bool(num_drafted)
         self.stats.record_step(num_drafted, verdict.num_accepted, proposal.forward_passes, proposal.positions)

@@ -17,7 +17,7 @@ LLAMA_CPP_LOOKUP_TOKENS = 10  # LlamaPromptLookupDecoding's default
 
 
 def add_bench_parser(sub) -> None:
-    from ..cli import add_model_args
+    from ..model_args import add_model_args
 
     p = sub.add_parser("bench", help="measure speedup, acceptance and compute against plain decoding and peers")
     add_model_args(p, several_drafters=True)
@@ -58,9 +58,9 @@ def _bench(args: argparse.Namespace) -> int:
     from torch import nn
 
     from ..api import load, resolve_backend
-    from ..models.graph_decoder import graph_decoder_for
-    from ..models.loading import resolve_device
-    from ..models.self_draft import self_draft_for
+    from ..backends.graph_decoder import graph_decoder_for
+    from ..loading.loader import resolve_device
+    from ..draft_models.self_draft import self_draft_for
     from .report import terminal_table, write_report
     from .runner import BASELINE, run_benchmark, summarize
     from .runs import HFGenerateRun, LlamaCppPythonRun, SpecdecRun
@@ -154,9 +154,9 @@ def _measured_costs(engine, runs, prompt) -> dict:
     """The verify-cost curve and each speculative run's draft cost, for the ideal speedup (ideal.py).
     A hybrid drafter's cost per token depends on which part drafted it: its ideal is left out."""
     from .ideal import pass_costs
-    from .runner import _encode
+    from .runner import encode_prompt
 
-    context = _encode(engine, prompt)
+    context = encode_prompt(engine, prompt)
     verify = pass_costs(engine.target, context)
     model_costs: dict[int, float] = {}
     draft_ms, draft_lengths = {}, {}
@@ -180,13 +180,13 @@ def _bench_serving(args: argparse.Namespace, engine, variants, prompts) -> int:
     import random
 
     from ..batching import BatchStepper
-    from .runner import _encode
+    from .runner import encode_prompt
     from .serving import serve, serving_table
 
     loads = [(c, None) for c in _parse_numbers(args.concurrency, int, "--concurrency")]
     rates = _parse_numbers(args.request_rate, float, "--request-rate") if args.request_rate else []
     loads += [(max(c for c, _ in loads), r) for r in rates]
-    encoded = [_encode(engine, p) for p in prompts]
+    encoded = [encode_prompt(engine, p) for p in prompts]
     runs = [("plain", engine.with_drafter("none"))] + variants
     if args.control:
         runs.append(("plain-again", engine.with_drafter("none")))

@@ -45,7 +45,7 @@ def run_benchmark(engine: Engine, runs: list[BenchRun], prompts: list[WorkloadPr
                   repeats: int, temperature: float, seed: int, config: dict[str, Any],
                   progress: bool = True) -> BenchResults:
     assert runs[0].name == BASELINE, "the baseline runs first"
-    encoded = [_encode(engine, p) for p in prompts]
+    encoded = [encode_prompt(engine, p) for p in prompts]
     for run in runs:  # warm-up: first-call costs (allocations, lazy init) stay out of the numbers
         run(encoded[0], min(8, max_new_tokens), temperature, seed)
     results = BenchResults(config=config, runs=[r.name for r in runs])
@@ -83,7 +83,7 @@ def _rotate(items: list, by: int) -> list:
     return items[by:] + items[:by]
 
 
-def _encode(engine: Engine, prompt: WorkloadPrompt) -> list[int]:
+def encode_prompt(engine: Engine, prompt: WorkloadPrompt) -> list[int]:
     return engine.encode_chat(prompt.messages) if prompt.messages else engine.encode(prompt.prompt)
 
 

@@ -9,8 +9,7 @@ from typing import Protocol
 import torch
 
 from ..engine import Engine
-from ..models.cpu_matmul import set_few_row_matmul
-from ..models.flops import flops_per_token
+from ..kernels.cpu_matmul import set_few_row_matmul
 from ..sampling_params import SamplingParams
 from ..stats import GenerationStats
 
@@ -34,8 +33,8 @@ class BenchRun(Protocol):
 class SpecdecRun:
     def __init__(self, name: str, engine: Engine, num_draft_tokens: int | None, kind: str = "specdec") -> None:
         self.name, self.kind, self.engine, self.num_draft_tokens = name, kind, engine, num_draft_tokens
-        self._target_flops = flops_per_token(engine.target)
-        self._draft_flops = flops_per_token(engine.draft_model) if engine.draft_model is not None else 0.0
+        self._target_flops = engine.target.flops_per_token()
+        self._draft_flops = engine.draft_model.flops_per_token() if engine.draft_model is not None else 0.0
 
     def __call__(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> RunResult:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,

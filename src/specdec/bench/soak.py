@@ -71,7 +71,7 @@ def soak(engine, seconds: float, streams: int = 32, disconnect_rate: float = 0.2
     from ..server.app import ServerConfig, create_app
     from ..server.background import serve_in_thread
 
-    slots = getattr(engine.target, "max_sequences", None)
+    slots = engine.target.max_sequences
     config = ServerConfig(model_name="soak", max_running=min(streams, slots or streams), max_waiting=2 * streams)
     app = create_app(engine, config)
     result = SoakResult(seconds=seconds, streams=streams, disconnect_rate=disconnect_rate)

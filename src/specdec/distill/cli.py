@@ -69,15 +69,15 @@ def _tokenizer(path: str, vocab_size: int):
 def _distill(args: argparse.Namespace) -> int:
     import torch
 
-    from ..api import _ensure_log_handler
+    from ..api import ensure_log_handler
     from ..errors import SpecDecError
-    from ..models.distilled_draft import TargetIdentity, check_shared_layers, load_distilled_draft
-    from ..models.loading import load_model, resolve_device, resolve_dtype
+    from ..draft_models.distilled_draft import TargetIdentity, check_shared_layers, load_distilled_draft
+    from ..loading.loader import load_model, resolve_device, resolve_dtype
     from .corpus import build_corpus, read_documents
     from .evaluate import evaluate, format_table, held_out_prompts
     from .train import TrainingConfig, distil, token_map_from
 
-    _ensure_log_handler()
+    ensure_log_handler()
     for name in ("layers", "steps", "batch_size", "seq_len", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise SpecDecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Engine
-from ..models.base import CausalLM
+from ..backends.base import CausalLM
 
 
 @dataclass

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import SpecDecError
-from ..models.distilled_draft import (TargetIdentity, body_of, build_draft_module, check_shared_layers,
+from ..draft_models.distilled_draft import (TargetIdentity, body_of, build_draft_module, check_shared_layers,
                                       initial_layers, save_draft, trainable_parameters, trained_state)
 
 log = logging.getLogger("specdec")
@@ -38,7 +38,7 @@ class TrainingConfig:
     learning_rate: float = 5e-4
     checkpoint_every: int = 200
     seed: int = 0
-    storage: str = "bfloat16"  # how the saved weights are stored (models/distilled_draft.py)
+    storage: str = "bfloat16"  # how the saved weights are stored (draft_models/distilled_draft.py)
     progress: bool = True
 
 

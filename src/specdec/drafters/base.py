@@ -1,8 +1,9 @@
 """The drafter interface: propose up to k tokens; observe how many the target accepted."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Protocol
+from typing import Any, Callable, Generator
 
 import torch
 
@@ -19,34 +20,44 @@ class DraftProposal:
     positions: int = 0  # token positions the draft model processed for it (its compute)
 
 
-class Drafter(Protocol):
-    """One drafter instance serves one sequence; model weights behind it are shared."""
+class Drafter(ABC):
+    """One drafter instance serves one sequence; model weights behind it are shared.
 
+    `propose` and `observe` are what every drafter does; the rest have defaults for drafters
+    that need nothing more (model-free ones)."""
+
+    @abstractmethod
     def propose(
         self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> DraftProposal:
         """context: [n] every token so far (prompt + output). Propose up to k continuations."""
 
+    @abstractmethod
     def observe(self, num_accepted: int) -> None:
         """The target accepted the first `num_accepted` tokens of the last proposal."""
 
+    def proposal_steps(
+        self, context: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> ProposalSteps:
+        """The proposal as steps, yielding each draft-model pass it waits for (a batch feeds many
+        sequences' at once). Default: no model pass, the proposal at once."""
+        return self.propose(context, k, params, generator)
+        yield  # a generator that yields nothing
+
+    def release(self) -> None:
+        """Hand back what the finished sequence's drafter holds (a draft model's cache slot)."""
+
+    def share_context(self, target: Any, target_cache: Any) -> None:
+        """Told the target's cache: a self-draft copies context it has not seen from there."""
+
+    @property
+    def reads_target_cache(self) -> bool:
+        """Whether proposals copy context from the target's cache (so the target must read a
+        prompt before the first draft)."""
+        return False
+
 
 DrafterFactory = Callable[[], Drafter]
-
-
-def release_drafter(drafter: Drafter | None) -> None:
-    """Hand back what a finished sequence's drafter holds (a draft model's cache slot), now
-    rather than when it is garbage-collected. Drafters that hold nothing need no `release`."""
-    release = getattr(drafter, "release", None)
-    if release is not None:
-        release()
-
-
-def release_cache(model: Any, cache: Any) -> None:
-    """Hand a finished sequence's cache back to its model (GraphDecoder pools them)."""
-    release = getattr(model, "release", None)
-    if release is not None:
-        release(cache)
 
 
 @dataclass(frozen=True)
@@ -62,15 +73,6 @@ class DraftFeed:
 ProposalSteps = Generator[DraftFeed, torch.Tensor, DraftProposal]
 
 
-def proposal_steps(drafter: Drafter, context: torch.Tensor, k: int, params: SamplingParams,
-                   generator: torch.Generator | None) -> ProposalSteps:
-    """The drafter's proposal as steps; drafters without model passes answer at once."""
-    steps = getattr(drafter, "proposal_steps", None)
-    if steps is not None:
-        return (yield from steps(context, k, params, generator))
-    return drafter.propose(context, k, params, generator)
-
-
 def run_alone(steps: ProposalSteps) -> DraftProposal:
     """Drive a proposal's steps with one pass per feed (no batch)."""
     try:
@@ -81,7 +83,7 @@ def run_alone(steps: ProposalSteps) -> DraftProposal:
         return done.value
 
 
-class SteppedDrafter:
+class SteppedDrafter(Drafter):
     """A drafter written as `proposal_steps`; `propose` runs them alone."""
 
     def propose(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import Drafter, ProposalSteps, SteppedDrafter, proposal_steps, release_drafter
+from .base import Drafter, ProposalSteps, SteppedDrafter
 from .ngram import NGramDrafter
 
 MIN_LOOKUP_TOKENS = 2  # shorter lookups are usually coincidental single-token matches
@@ -29,19 +29,17 @@ class HybridDrafter(SteppedDrafter):
             self._last = self.lookup
             return proposal
         self._last = self.model_drafter
-        return (yield from proposal_steps(self.model_drafter, context, k, params, generator))
+        return (yield from self.model_drafter.proposal_steps(context, k, params, generator))
 
     def share_context(self, target, target_cache) -> None:
-        share = getattr(self.model_drafter, "share_context", None)
-        if share is not None:
-            share(target, target_cache)
+        self.model_drafter.share_context(target, target_cache)
 
     @property
     def reads_target_cache(self) -> bool:
-        return getattr(self.model_drafter, "reads_target_cache", False)
+        return self.model_drafter.reads_target_cache
 
     def release(self) -> None:
-        release_drafter(self.model_drafter)
+        self.model_drafter.release()
 
     def observe(self, num_accepted: int) -> None:
         if self._last is not None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..logits import sample, to_probs
-from ..models.base import CausalLM
+from ..backends.base import CausalLM
 from ..sampling_params import SamplingParams
-from .base import DraftFeed, DraftProposal, ProposalSteps, SteppedDrafter, release_cache
+from ..backends.base import CoversContext, SharesContext
+from .base import DraftFeed, DraftProposal, ProposalSteps, SteppedDrafter
 
 
 class ModelDrafter(SteppedDrafter):
@@ -21,21 +22,19 @@ class ModelDrafter(SteppedDrafter):
         self._context_length = 0
         self._drafts_in_cache = 0
         # Drafts with a subset head may extend it per sequence with the context's own tokens.
-        self._covers_context = hasattr(model, "cover_context")
+        self._covers_context = isinstance(model, CoversContext)
         self._token_ids: torch.Tensor | None = None  # logits column -> token id, this proposal
         self._context_source: tuple[CausalLM, object] | None = None  # (target, its cache): see share_context
 
     def release(self) -> None:
-        if self.cache is not None:
-            release_cache(self.model, self.cache)
-            self.cache = None
+        if self.cache is not None:  # a second release of it does nothing
+            self.model.release(self.cache)
 
     def share_context(self, target: CausalLM, target_cache: object) -> None:
         """Where the draft renders the target's own model (a self-draft), context it has not
         seen (the prompt, tokens another drafter proposed) is copied from the target's cache
         instead of run through the draft."""
-        renders = getattr(self.model, "renders_same_model", None)
-        if renders is not None and renders(target):
+        if isinstance(self.model, SharesContext) and self.model.renders_same_model(target):
             self._context_source = (target, target_cache)
 
     @property

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import DraftProposal, empty_proposal
+from .base import DraftProposal, Drafter, empty_proposal
 
 
-class NGramDrafter:
+class NGramDrafter(Drafter):
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import Drafter, DraftProposal, ProposalSteps, SteppedDrafter, proposal_steps, release_drafter
+from .base import Drafter, DraftProposal, ProposalSteps, SteppedDrafter
 
 
 class SyntheticDrafter(SteppedDrafter):
@@ -26,7 +26,7 @@ class SyntheticDrafter(SteppedDrafter):
                        generator: torch.Generator | None) -> ProposalSteps:
         paid = None
         if self.cost_drafter is not None:
-            paid = yield from proposal_steps(self.cost_drafter, context, k, params, generator)
+            paid = yield from self.cost_drafter.proposal_steps(context, k, params, generator)
         truth = self.reference[context.shape[0] : context.shape[0] + k]
         corrupt = torch.rand(truth.shape[0], generator=self.rng) >= self.alpha
         shifted = (truth + 1 + torch.randint(0, self.vocab_size - 1, truth.shape, generator=self.rng)) % self.vocab_size
@@ -34,7 +34,8 @@ class SyntheticDrafter(SteppedDrafter):
         return DraftProposal(tokens, None, paid.forward_passes if paid else 0, paid.positions if paid else 0)
 
     def release(self) -> None:
-        release_drafter(self.cost_drafter)
+        if self.cost_drafter is not None:
+            self.cost_drafter.release()
 
     def observe(self, num_accepted: int) -> None:
         if self.cost_drafter is not None:

@@ -10,7 +10,7 @@ from ..errors import SpecDecError
 
 
 def add_serve_parser(sub) -> None:
-    from ..cli import add_model_args
+    from ..model_args import add_model_args
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with streaming and metrics")
     add_model_args(p)
@@ -30,11 +30,11 @@ def add_serve_parser(sub) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..cli import load_engine
+    from ..model_args import load_engine
     from .app import ServerConfig, create_app
 
     engine = load_engine(args)
-    slots = getattr(engine.target, "max_sequences", None)
+    slots = engine.target.max_sequences
     if slots is not None and args.max_concurrency > slots:
         raise SpecDecError(f"--max-concurrency {args.max_concurrency} exceeds the {slots} sequences this backend "
                            "holds at once; lower it, or use --backend torch")

@@ -259,7 +259,7 @@ class Scheduler:
         with self._wake:
             self.metrics.queue_depth.set(len(self._waiting))
             self.metrics.running.set(len(self._running))
-        free = getattr(self.stepper.target, "free_sequences", None)  # read here, on the owner thread
+        free = self.stepper.target.free_sequences  # read here, on the owner thread
         if free is not None:
             self.metrics.free_sequences.set(free)
 

@@ -14,7 +14,7 @@
  * across threads: few_rows_i8_parallel splits them over OpenMP threads. Linked against the
  * libgomp that PyTorch has already loaded (same soname), they share its thread pool instead of
  * starting a second one that would spin against it. Built at first use by
- * specdec/models/native_matmul.py.
+ * specdec/kernels/native_matmul.py.
  */
 #include <stdint.h>
 #ifdef _OPENMP

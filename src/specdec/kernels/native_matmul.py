@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loaded first: the kernel's OpenMP binds to PyTorch's libgomp)
 
-from .cache_dir import cache_root
+from ..loading.cache_dir import cache_root
 
 log = logging.getLogger("specdec")
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, SpecDecError, VocabularyMismatchError
-from .compact_decoder import CompactDecoder, UnsupportedArchitecture
-from .hf import HFCausalLM
+from ..backends.compact_decoder import CompactDecoder, UnsupportedArchitecture
+from ..backends.hf import HFCausalLM
 
 log = logging.getLogger("specdec")
 

@@ -14,7 +14,7 @@
  * super-block's integer dot product exact (the -32 offset through the activations' sums of 16,
  * as its AVX2 kernel does), scaled by d_w * d_x in float32 and summed in eight lanes. Only the
  * order of those float sums differs from ggml's (tests/test_llama_cpp_head.py compares logits
- * with llama.cpp's own). Built at first use by specdec/models/native_matmul.py.
+ * with llama.cpp's own). Built at first use by specdec/kernels/native_matmul.py.
  */
 #include <math.h>
 #include <stdint.h>

@@ -6,13 +6,14 @@ import inspect
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .cpu_matmul import set_few_row_matmul
+from ..kernels.cpu_matmul import set_few_row_matmul
+from .base import CausalLM
 
 # Long prompts are written into the cache in chunks to bound activation memory.
 PREFILL_CHUNK = 2048
 
 
-class HFCausalLM:
+class HFCausalLM(CausalLM):
     """Wraps a `transformers` causal LM behind the `CausalLM` interface."""
 
     def __init__(
@@ -71,6 +72,16 @@ class HFCausalLM:
         out = self.model(input_ids=token_ids.to(self.device)[None], use_cache=True, logits_to_keep=num_logits,
                          **{self._cache_arg: cache})
         return out.logits[0, -num_logits:].float()  # [num_logits, vocab]
+
+    def flops_per_token(self) -> float:
+        """~2 FLOPs per weight of every linear layer (the output head included, even when tied
+        to the input embedding, which is a lookup); quantized linears count by their shapes.
+        Attention-score FLOPs are left out: small at these lengths."""
+        from torch import nn
+        from torch.ao.nn.quantized import Linear as QuantizedLinear
+
+        return 2.0 * sum(m.in_features * m.out_features for m in self.model.modules()
+                         if isinstance(m, (nn.Linear, QuantizedLinear)))
 
     def cache_length(self, cache: DynamicCache) -> int:
         return int(cache.get_seq_length())

@@ -94,7 +94,7 @@ DEFAULT_TARGET = "gemma-3-270m"
 
 
 # Drafts distilled by the project (specdec distill) and shipped inside the package, by name.
-# Each is a directory of models/distilled_draft.py's format, tied to its target.
+# Each is a directory of draft_models/distilled_draft.py's format, tied to its target.
 @dataclass(frozen=True)
 class ShippedDraft:
     name: str

@@ -23,93 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_matmul import FEW_ROWS, few_row_product, int8_product
+from .base import CausalLM, CoversContext, SharesContext
+from .layers import (Int8Weight, Layer, UnsupportedArchitecture, Weight, activation, attention_mask, cos_sin, linear,
+                     rotary_tables, rotate, unsupported_reason)
 from .native_step import one_row_step_for
 
 INITIAL_CAPACITY = 512  # cached positions; doubled on demand
 PREFILL_CHUNK = 1024
-# Up to this many rows an int8 product runs in an int8 kernel, whose cost grows with the row
-# count; beyond, widening the weights once for a float32 GEMM is cheaper.
-INT8_KERNEL_ROWS = 16
-
-
-class UnsupportedArchitecture(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Int8Weight:
-    """Weight-only int8, one scale per output row: W ~ data * scale[:, None]. Activations stay
-    in floating point, so unlike dynamic quantization no activation outlier is clipped."""
-
-    data: torch.Tensor  # int8 [out, in]
-    scale: torch.Tensor  # float32 [out]
-
-    @classmethod
-    def quantize(cls, weight: torch.Tensor) -> "Int8Weight":
-        weight = weight.detach()
-        data = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        # Float temporaries a block of rows at a time, not the whole head's.
-        for block, block_data, block_scale in zip(weight.split(8192), data.split(8192), scale.split(8192)):
-            block = block.float()
-            block_scale.copy_((block.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny))
-            block_data.copy_(torch.round(block / block_scale[:, None]).clamp_(-127, 127))
-        return cls(data, scale)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
-    def numel(self) -> int:
-        return self.data.numel()
-
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x [rows, in] @ W.T, in x's dtype."""
-        if x.shape[0] <= INT8_KERNEL_ROWS:
-            out = int8_product(x, self.data, self.scale)
-            if out is None:  # no native kernel: PyTorch's (bfloat16 activations: its fast path)
-                out = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.data, self.scale.to(torch.bfloat16))
-            return out.to(x.dtype)
-        return (x.float() @ (self.data.float() * self.scale[:, None]).T).to(x.dtype)
-
-
-Weight = torch.Tensor | Int8Weight
-
-
-@dataclass
-class _Layer:
-    input_norm: torch.Tensor  # float32 weights with Gemma's (1 + w) folded in
-    qkv: Weight  # [(heads + 2 kv_heads) * head_dim, hidden]
-    qkv_bias: torch.Tensor | None
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
-    o: Weight
-    post_attention_norm: torch.Tensor | None  # Gemma: norm of the attention output
-    pre_mlp_norm: torch.Tensor
-    post_mlp_norm: torch.Tensor | None  # Gemma: norm of the MLP output
-    gate_up: Weight  # [2 * intermediate, hidden]
-    down: Weight
-    rope: int  # index into the decoder's rotary frequency tables
-    sliding_window: int | None
-    scaling: float
-
-
 @dataclass(frozen=True)
 class _Segment:
     positions: torch.Tensor  # [n] float32: the sequence's positions in this pass
     attend: Callable[..., torch.Tensor]  # (layer, index, q, k, v) -> [n, heads * head_dim]
-
-
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why the compact decoder cannot run this `transformers` model; None when it can."""
-    config = model.config.get_text_config()
-    family = getattr(config, "model_type", "")
-    if family not in ("llama", "qwen2", "gemma3_text", "gemma3"):
-        return f"no compact decoder for model type {family!r}"
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        return "attention logit soft-capping is not supported"
-    return None
 
 
 class CompactCache:
@@ -139,7 +63,7 @@ class CompactCache:
                 store[i] = grown
 
 
-class CompactDecoder:
+class CompactDecoder(CausalLM, SharesContext, CoversContext):
     """`CausalLM` over a `transformers` decoder's weights (shared where dtypes match)."""
 
     prompts_join_batches = True  # its packed pass reads a joining prompt for less (base.reads_prompts_in_batches)
@@ -167,9 +91,9 @@ class CompactDecoder:
         self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         self._heads, self._kv_heads = config.num_attention_heads, config.num_key_value_heads
         self._eps = float(config.rms_norm_eps)
-        self._act = _activation(config)
+        self._act = activation(config)
         self._softcap = getattr(config, "final_logit_softcapping", None)
-        self._inv_freq, self._rope_scale, rope_index = _rotary_tables(body.rotary_emb, config)
+        self._inv_freq, self._rope_scale, rope_index = rotary_tables(body.rotary_emb, config)
         self._layers = [self._convert_layer(layer, rope_index(i)) for i, layer in enumerate(body.layers)]
         self._final_norm = self._norm_weight(body.norm)
         self._one_row_step = one_row_step_for(self, getattr(config, "hidden_activation", None) or config.hidden_act)
@@ -234,7 +158,7 @@ class CompactDecoder:
         hidden = hidden.to(self.dtype)
         logits = self._product(hidden, self._head).float()
         if extra_head is not None:
-            logits = torch.cat([logits, _linear(hidden, extra_head).float()], dim=-1)
+            logits = torch.cat([logits, linear(hidden, extra_head).float()], dim=-1)
         if self._head_bias is not None:
             logits = logits + self._head_bias
         if self._softcap is not None:
@@ -242,7 +166,7 @@ class CompactDecoder:
         return logits
 
     def _product(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
-        return _linear(x, weight)  # the GPU path's own kernels replace this
+        return linear(x, weight)  # the GPU path's own kernels replace this
 
     def flops_per_token(self) -> float:
         """~2 FLOPs per weight read for one position (the bench's compute estimate)."""
@@ -286,7 +210,7 @@ class CompactDecoder:
         hidden = self._packed_body(token_ids, caches)  # [sum n_i, hidden]
         ends = list(accumulate(t.shape[0] for t in token_ids))
         rows = [hidden[end - m : end] for end, m in zip(ends, num_logits)]
-        extra_heads = [getattr(c, "extra_head", None) for c in caches]
+        extra_heads = [c.extra_head for c in caches]
         if any(head is not None for head in extra_heads):  # per-sequence columns: one head each
             return [self._logits(h, head) for h, head in zip(rows, extra_heads)]
         return list(self._logits(torch.cat(rows)).split(num_logits))
@@ -306,7 +230,7 @@ class CompactDecoder:
         positions = torch.cat([segment.positions for segment in segments])
         rotary = self._rotary(positions)
 
-        def attend(layer: _Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(layer: Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             parts = zip(segments, q.split(sizes), k.split(sizes), v.split(sizes))
             return torch.cat([segment.attend(layer, index, *qkv) for segment, *qkv in parts])  # [sum n_i, heads * d]
 
@@ -318,7 +242,7 @@ class CompactDecoder:
 
     def _rotary(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) [n, 1, d] at float positions, per rotary table (Gemma's local and global layers differ)."""
-        return [_cos_sin(positions, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
+        return [cos_sin(positions, inv_freq, scale) for inv_freq, scale in zip(self._inv_freq, self._rope_scale)]
 
     def _segment(self, cache: CompactCache, n: int) -> "_Segment":
         """One sequence's part of a pass: its positions, and attention over its own cache."""
@@ -326,10 +250,10 @@ class CompactDecoder:
         store = self._kv_store(cache, start + n)
         masks: dict[int | None, torch.Tensor | None] = {}
 
-        def attend(layer: _Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(layer: Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             window = layer.sliding_window
             if window not in masks:
-                masks[window] = _mask(start, n, window, self.device)
+                masks[window] = attention_mask(start, n, window, self.device)
             out = self._attend(layer, q, k, v, store, index, start, masks[window])  # [heads, n, d]
             return out.transpose(0, 1).reshape(n, self._heads * self._head_dim)
 
@@ -341,35 +265,35 @@ class CompactDecoder:
         cache.reserve(length)
         return cache
 
-    def _layer(self, layer: _Layer, index: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+    def _layer(self, layer: Layer, index: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                attend) -> torch.Tensor:
         """hidden: [rows, hidden]; attend(layer, index, q, k, v) -> [rows, heads * head_dim]."""
         n, d = hidden.shape[0], self._head_dim
         x = F.rms_norm(hidden, (hidden.shape[-1],), layer.input_norm, self._eps).to(self.dtype)
-        qkv = _linear(x, layer.qkv)
+        qkv = linear(x, layer.qkv)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         qkv = qkv.float().view(n, self._heads + 2 * self._kv_heads, d)
         cos, sin = rotary
         if layer.q_norm is None:  # rotate queries and keys in one pass: half the small ops
             qk, v = qkv.split([self._heads + self._kv_heads, self._kv_heads], dim=1)
-            q, k = _rotate(qk, cos, sin).split([self._heads, self._kv_heads], dim=1)
+            q, k = rotate(qk, cos, sin).split([self._heads, self._kv_heads], dim=1)
         else:
             q, k, v = qkv.split([self._heads, self._kv_heads, self._kv_heads], dim=1)
-            q = _rotate(F.rms_norm(q, (d,), layer.q_norm, self._eps), cos, sin)
-            k = _rotate(F.rms_norm(k, (d,), layer.k_norm, self._eps), cos, sin)
-        out = _linear(attend(layer, index, q, k, v), layer.o).float()
+            q = rotate(F.rms_norm(q, (d,), layer.q_norm, self._eps), cos, sin)
+            k = rotate(F.rms_norm(k, (d,), layer.k_norm, self._eps), cos, sin)
+        out = linear(attend(layer, index, q, k, v), layer.o).float()
         if layer.post_attention_norm is not None:
             out = F.rms_norm(out, (out.shape[-1],), layer.post_attention_norm, self._eps)
         hidden = hidden + out
         x = F.rms_norm(hidden, (hidden.shape[-1],), layer.pre_mlp_norm, self._eps).to(self.dtype)
-        gate, up = _linear(x, layer.gate_up).chunk(2, dim=-1)
-        out = _linear(self._act(gate) * up, layer.down).float()
+        gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)
+        out = linear(self._act(gate) * up, layer.down).float()
         if layer.post_mlp_norm is not None:
             out = F.rms_norm(out, (out.shape[-1],), layer.post_mlp_norm, self._eps)
         return hidden + out
 
-    def _attend(self, layer: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: CompactCache,
+    def _attend(self, layer: Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: CompactCache,
                 index: int, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Write this step's keys and values at positions start.. and attend over the cache."""
         n = q.shape[0]
@@ -387,13 +311,13 @@ class CompactDecoder:
         )
 
     # ---- weights -----------------------------------------------------------------------------
-    def _convert_layer(self, layer: nn.Module, rope: int) -> _Layer:
+    def _convert_layer(self, layer: nn.Module, rope: int) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
         qkv_bias = None
         if attn.q_proj.bias is not None:
             qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).to(self.dtype)
         gemma_style = hasattr(layer, "pre_feedforward_layernorm")
-        return _Layer(
+        return Layer(
             input_norm=self._norm_weight(layer.input_layernorm),
             qkv=self._weight(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
             qkv_bias=qkv_bias,
@@ -418,63 +342,6 @@ class CompactDecoder:
     def _norm_weight(self, norm: nn.Module) -> torch.Tensor:
         weight = norm.weight.detach().float()
         return 1.0 + weight if self._gemma else weight  # Gemma scales by (1 + w)
-
-
-def _linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
-    if isinstance(weight, Int8Weight):
-        return weight.product(x)
-    if x.device.type != "cpu":
-        return x @ weight.T
-    if x.shape[0] <= FEW_ROWS:
-        return few_row_product(x, weight)
-    # Prompts: CPU bfloat16 GEMMs run ~6x slower than float32 here (a 167-token prefill of
-    # Gemma 3 270M took 1.85 s against 0.32 s), so widen the weights for the product.
-    if weight.dtype == torch.bfloat16:
-        return (x.float() @ weight.float().T).to(x.dtype)
-    return x @ weight.T
-
-
-def _activation(config) -> nn.Module:
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]
-
-
-def _rotary_tables(rotary: nn.Module, config):
-    """Inverse frequencies per rotary kind (Gemma 3: local and global), and which layer uses which."""
-    layer_types = getattr(config, "layer_types", None)
-    if hasattr(rotary, "inv_freq"):
-        return [rotary.inv_freq.float()], [float(getattr(rotary, "attention_scaling", 1.0))], lambda i: 0
-    kinds = sorted(set(layer_types))
-    inv_freq = [getattr(rotary, f"{kind}_inv_freq").float() for kind in kinds]
-    scales = [float(getattr(rotary, f"{kind}_attention_scaling", 1.0)) for kind in kinds]
-    return inv_freq, scales, lambda i: kinds.index(layer_types[i])
-
-
-def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    angles = positions[:, None] * inv_freq.to(positions.device)[None]  # [n, d/2]
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [n, 1, d]: broadcast over heads
-    return angles.cos() * scale, angles.sin() * scale
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def _mask(start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """[n, start+n] boolean: query i (position start+i) sees key j when j <= start+i and, with
-    a sliding window, j > start+i-window. None for a single query: the caller's slice of the
-    cache already ends at it and starts at its window."""
-    if n == 1:
-        return None
-    query = torch.arange(start, start + n, device=device)[:, None]
-    key = torch.arange(start + n, device=device)[None]
-    visible = key <= query
-    if window is not None:
-        visible &= key > query - window
-    return visible
 
 
 def compact_target_for(model):

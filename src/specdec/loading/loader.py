@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .cache_dir import cache_root, content_digest
-from .hf import HFCausalLM
+from ..backends.hf import HFCausalLM
 from .registry import REGISTRY
 
 log = logging.getLogger("specdec")
@@ -90,7 +90,7 @@ def load_model(spec: str | os.PathLike | None, device: torch.device, dtype: torc
 
 
 def _load_llama_cpp(spec: str, device: torch.device) -> LoadedModel:
-    from . import llama_cpp_backend
+    from ..backends import llama_cpp_backend, llama_cpp_split
 
     if device.type != "cpu":
         raise ModelLoadError("the llama.cpp backend runs on the CPU here; use --backend torch for GPUs")
@@ -101,7 +101,7 @@ def _load_llama_cpp(spec: str, device: torch.device) -> LoadedModel:
         raise ModelLoadError(f"the llama.cpp backend needs a GGUF file or a registry name; {spec!r} is neither")
     _check_gguf(path)
     log.info("loading %s with llama.cpp", spec)
-    model = llama_cpp_backend.LlamaCppCausalLM(path, name=spec)
+    model = llama_cpp_backend.LlamaCppCausalLM(path, name=spec, split_head=llama_cpp_split.split_head_for(path))
     return LoadedModel(model, _gguf_tokenizer(path), str(path))
 
 

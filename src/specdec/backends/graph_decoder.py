@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gpu_kernels
-from .base import PACKED, BatchLayout, pinned
-from .compact_decoder import PREFILL_CHUNK, CompactDecoder, _Layer, _linear, _mask, _rotate
+from .. import trace
+from ..kernels import gpu_kernels
+from .base import PACKED, BatchLayout, ChainsGreedySteps, pinned
+from .compact_decoder import PREFILL_CHUNK, CompactDecoder
+from .layers import Layer, UnsupportedArchitecture, attention_mask, linear, rotate
 
 log = logging.getLogger("specdec")
 
@@ -85,7 +87,7 @@ class StaticCache:
         self.extra_head = None  # no per-sequence head rows on this path
 
 
-class GraphDecoder(CompactDecoder):
+class GraphDecoder(CompactDecoder, ChainsGreedySteps):
     """CompactDecoder with a static cache and, on CUDA, one captured graph per step size."""
 
     def __init__(self, model: nn.Module, name: str, dtype: torch.dtype, eos_token_ids: set[int],
@@ -190,6 +192,7 @@ class GraphDecoder(CompactDecoder):
         """Logits [num_logits, vocab]. From a graph they live in the slot's output buffer,
         valid until this decoder's next graph step on any cache: the graphs share one memory
         pool, so a later replay may reuse the buffer (copy logits that must outlive it)."""
+        trace.mark("forward", self)
         n = token_ids.shape[0]
         self._check_room(cache, n)
         if n > GRAPH_MAX_TOKENS or not self._graphs:
@@ -250,6 +253,7 @@ class GraphDecoder(CompactDecoder):
                               [c.slot.index for c in caches], [c.length for c in caches], num_logits)
         for cache, n in zip(caches, sizes):
             cache.length += n
+        trace.mark("batched_step", self)
         # index_select copies: the next batched step overwrites the buffer they share.
         return list(step.output.index_select(0, keep).split(num_logits))
 
@@ -468,7 +472,7 @@ class GraphDecoder(CompactDecoder):
         return self._fused_layers(hidden, rotary, attend)
 
     def _attend_prompt(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                       values: torch.Tensor, layer: _Layer, mask: torch.Tensor | None) -> torch.Tensor:
+                       values: torch.Tensor, layer: Layer, mask: torch.Tensor | None) -> torch.Tensor:
         """A prompt's queries (rotated here) over keys and values already in the cache, in
         PyTorch's fused attention -> [n, heads * d]. mask: _grouped_mask's [group * n, keys],
         or None for a causal prompt over exactly its own keys.
@@ -478,7 +482,7 @@ class GraphDecoder(CompactDecoder):
         3-D input, and the fall-back runs in float32 (a 255-token 8B prompt spent 7 of its 18 ms
         there; 10.6 ms in all since)."""
         n, d = qkv.shape[0], self._head_dim
-        q = _rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin).to(self.dtype)
+        q = rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin).to(self.dtype)
         # Four dimensions throughout: PyTorch's fused kernels take no other shape.
         if mask is None:  # the flash kernel takes grouped heads
             out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True,
@@ -501,7 +505,7 @@ class GraphDecoder(CompactDecoder):
         def attend(i, qkv, cos, sin, layer):
             gpu_kernels.write_kv(qkv, cos, sin, slot.keys[i], slot.values[i], slot.start, self._heads, self._kv_heads)
             causal = start == 0 and layer.sliding_window is None
-            mask = None if causal else self._grouped_mask(_mask(start, n, layer.sliding_window, self.device))
+            mask = None if causal else self._grouped_mask(attention_mask(start, n, layer.sliding_window, self.device))
             return self._attend_prompt(qkv, cos, sin, slot.keys[i][:, : start + n], slot.values[i][:, : start + n],
                                        layer, mask)
 
@@ -592,12 +596,12 @@ class GraphDecoder(CompactDecoder):
         a batch's larger passes: cuBLAS (compute starts to count there)."""
         if self.kernels and x.shape[0] <= gpu_kernels.MAX_ROWS:
             return gpu_kernels.skinny_matmul(x.contiguous(), weight, bias)
-        out = _linear(x, weight)
+        out = linear(x, weight)
         return out if bias is None else out + bias
 
     def _attention(self, slot: _Slot, positions: torch.Tensor, mask: torch.Tensor):
         """attend(layer, index, q, k, v) -> [n, heads * head_dim] for one sequence's rows."""
-        def attend(layer: _Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(layer: Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             out = self._attend_static(layer, q, k, v, slot, index, positions, mask)  # [heads, n, d]
             return out.transpose(0, 1).reshape(q.shape[0], self._heads * self._head_dim)
         return attend
@@ -614,7 +618,7 @@ class GraphDecoder(CompactDecoder):
         additive.masked_fill_(~visible, float("-inf"))
         return additive.repeat(group, 1)
 
-    def _attend_static(self, layer: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: _Slot,
+    def _attend_static(self, layer: Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: _Slot,
                 index: int, start: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """start: this step's positions [n]. Attends over the whole capacity under the mask:
         a fixed shape, and a few hundred MB of reads at most against the weights' GBs.
@@ -627,7 +631,7 @@ class GraphDecoder(CompactDecoder):
         values.index_copy_(1, start, v.transpose(0, 1).to(self.dtype))
         return self._grouped_attention(q, keys, values, layer, mask)
 
-    def _grouped_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: _Layer,
+    def _grouped_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: Layer,
                            mask: torch.Tensor) -> torch.Tensor:
         """Queries [n, heads, d] over keys and values [kv_heads, positions, d] under
         _grouped_mask's mask -> [heads, n, d]: the query heads sharing a key/value head are
@@ -742,7 +746,6 @@ class GreedyChain:
 def graph_decoder_for(model, capacity: int = DEFAULT_CAPACITY, kernels: bool | None = None):
     """The CUDA-graph path for a `transformers` model on a GPU, or the model unchanged where
     it does not apply (CPU, llama.cpp, an architecture the compact decoder lacks, subset heads)."""
-    from .compact_decoder import UnsupportedArchitecture
     from .hf import HFCausalLM
 
     if not isinstance(model, HFCausalLM) or model.device.type != "cuda" or model.output_token_ids is not None:

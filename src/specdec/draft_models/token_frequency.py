@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .cache_dir import cache_root
+from ..loading.cache_dir import cache_root
 
 log = logging.getLogger("specdec")
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError
-from . import llama_cpp_head
+from .base import CausalLM
 from .llama_cpp_head import SplitHead
 
 
@@ -56,12 +56,13 @@ class SequenceSlot:
     length: int = 0
 
 
-class LlamaCppCausalLM:
-    prompts_join_batches = False  # a prompt in a mixed batch costs more than apart (base.reads_prompts_in_batches)
+class LlamaCppCausalLM(CausalLM):
+    prompts_join_batches = False  # a prompt in a mixed batch costs more than apart (base.CausalLM)
 
     def __init__(self, path: str | Path, name: str | None = None, n_ctx: int = 8192, max_sequences: int = 32,
-                 n_threads: int | None = None, n_batch: int = 512, split_head: SplitHead | bool | None = None) -> None:
-        """split_head: None uses the checked split where there is one, False never, a SplitHead this one."""
+                 n_threads: int | None = None, n_batch: int = 512, split_head: SplitHead | None = None) -> None:
+        """split_head: the checked split head that computes the logits (llama_cpp_split.split_head_for);
+        None (or False): llama.cpp's own head."""
         import llama_cpp
         from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel
 
@@ -71,8 +72,6 @@ class LlamaCppCausalLM:
         path = Path(path)
         self.path = path
         self.name = name or path.name
-        if split_head is None:
-            split_head = llama_cpp_head.split_head_for(path)
         self._head = split_head or None
         model_params = llama_cpp.llama_model_default_params()
         try:

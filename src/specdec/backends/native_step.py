@@ -14,7 +14,8 @@ import threading
 
 import torch
 
-from . import native_matmul
+from ..kernels import native_matmul
+from .layers import Int8Weight, cos_sin
 
 _ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}
 
@@ -40,9 +41,8 @@ class OneRowStep:
     """decoder._body for one token: the residual stream after the last layer's norm, [1, hidden]."""
 
     def __init__(self, decoder, library: ctypes.CDLL, activation: int) -> None:
-        from .compact_decoder import _cos_sin  # [1, 1, head_dim] each, contiguous
 
-        self._decoder, self._library, self._cos_sin = decoder, library, _cos_sin
+        self._decoder, self._library, self._cos_sin = decoder, library, cos_sin  # [1, 1, head_dim] each, contiguous
         self._lock = threading.Lock()  # the layer table below holds one call's cache pointers
         first = decoder._layers[0]
         self._shape = _Shape(hidden=first.gate_up.shape[1], heads=decoder._heads, kv_heads=decoder._kv_heads,
@@ -83,7 +83,6 @@ class OneRowStep:
 
 def one_row_step_for(decoder, activation_name: str) -> OneRowStep | None:
     """The native one-token step for `decoder`, or None where it does not apply."""
-    from .compact_decoder import Int8Weight
 
     activation = _ACTIVATIONS.get(activation_name)
     layers = decoder._layers

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import native_matmul
-from .cache_dir import cache_root, content_digest
+from ..kernels import native_matmul
+from ..loading.cache_dir import content_digest
 
 log = logging.getLogger("specdec")
 
@@ -113,63 +113,12 @@ class SplitHead:
         return out[:n]
 
 
-def split_head_for(path: Path) -> SplitHead | None:
-    """The checked split for this GGUF, derived on first use; None where llama.cpp keeps its head."""
-    if os.environ.get("SPECDEC_LLAMA_CPP_HEAD", "1") == "0":
-        return None
-    library = native_matmul.library()
-    if library is None:
-        return None
-    directory = cache_root() / "llama-cpp-head" / _source_key(path)
-    record_file = directory / "split.json"
-    record = _read_record(record_file)
-    if record is None:
-        log.info("first use of %s: deriving its body model for the split head (about 15 s, once)", path.name)
-        record = _derive(path, directory)
-    if not record.get("usable"):
-        return None
-    if not getattr(library, HEAD_TYPES[record["head_type"]][2] + "_vectorized")():
-        return None  # the scalar product is slower than llama.cpp's own head
-    head = _from_record(path, directory, record)
-    if "check" not in record:
-        record["check"] = check(head)
-        record["usable"] = record["check"]["passed"]
-        record["eos_token_ids"] = record["check"].pop("eos_token_ids")
-        head.eos_token_ids = tuple(record["eos_token_ids"])
-        _write_record(record_file, record)
-        if not record["usable"]:
-            log.warning("the split head of %s does not match llama.cpp's own logits (%s): using llama.cpp's head",
-                        path.name, record["check"])
-            return None
-    return head
-
-
-def check(head: SplitHead, probe_length: int = 24, positions: int = 4) -> dict[str, Any]:
-    """Compare the split's logits with llama.cpp's own on a fixed probe sequence; also returns
-    llama.cpp's end-of-sequence tokens (it infers some, e.g. <end_of_turn>, from the vocabulary)."""
-    from .llama_cpp_backend import LlamaCppCausalLM
-
-    probe = torch.tensor(np.random.default_rng(0).integers(4, min(head.vocab_size, 32000), probe_length))
-    logits, eos = [], []
-    for split in (False, head):
-        model = LlamaCppCausalLM(head.source, n_ctx=256, max_sequences=1, split_head=split)
-        logits.append(model.forward(probe, model.new_cache(), positions).clone())
-        eos.append(sorted(model.eos_token_ids))
-        del model
-    own, ours = logits
-    scale = float(own.abs().max())
-    difference = float((own - ours).abs().max())
-    agree = bool(torch.equal(own.argmax(-1), ours.argmax(-1)))
-    return {"max_abs_difference": difference, "logit_scale": scale, "argmax_agrees": agree,
-            "passed": agree and difference <= CHECK_TOLERANCE * scale, "eos_token_ids": eos[0]}
-
-
 # ---- derivation ------------------------------------------------------------------------------
-def _source_key(path: Path) -> str:
+def source_key(path: Path) -> str:
     return f"{FORMAT}-{content_digest(path)}"
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
+def read_record(path: Path) -> dict[str, Any] | None:
     """The directory's record, or None where it is missing, damaged or of another format."""
     try:
         record = json.loads(path.read_text())
@@ -182,13 +131,13 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     return record
 
 
-def _write_record(path: Path, record: dict[str, Any]) -> None:
+def write_record(path: Path, record: dict[str, Any]) -> None:
     staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     staging.write_text(json.dumps(record, indent=1))
     os.replace(staging, path)
 
 
-def _from_record(source: Path, directory: Path, record: dict[str, Any]) -> SplitHead:
+def from_record(source: Path, directory: Path, record: dict[str, Any]) -> SplitHead:
     return SplitHead(source=source, body=directory / "body.gguf", hidden=record["hidden"],
                      vocab_size=record["vocab_size"], head_offset=record["head_offset"],
                      embed_offset=record["embed_offset"], embed_type=record["embed_type"],
@@ -196,7 +145,7 @@ def _from_record(source: Path, directory: Path, record: dict[str, Any]) -> Split
                      input_scale=record["input_scale"], eos_token_ids=tuple(record["eos_token_ids"]))
 
 
-def _derive(source: Path, directory: Path) -> dict[str, Any]:
+def derive(source: Path, directory: Path) -> dict[str, Any]:
     """Write body.gguf and split.json into `directory` (whole, or not at all)."""
     import gguf
 
@@ -231,7 +180,7 @@ def _derive(source: Path, directory: Path) -> dict[str, Any]:
                   "embed_type": int(embed_tensor.tensor_type), "head_type": int(head_tensor.tensor_type),
                   "input_scale": float(np.sqrt(np.float32(hidden))) if scale == "sqrt" else float(scale),
                   "eos_token_ids": []}  # llama.cpp's own, recorded by the check
-    _write_record(staging / "split.json", record)
+    write_record(staging / "split.json", record)
     shutil.rmtree(directory, ignore_errors=True)
     try:
         os.replace(staging, directory)

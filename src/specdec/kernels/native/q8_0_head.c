@@ -13,7 +13,7 @@
  * half to even), each block's integer dot product is exact, in lanes of four products as in
  * ggml's AVX2 kernel, and scaled by the two scales' product in float32. Only the order of the
  * float32 sums differs, by a few units in the last place (tests/test_llama_cpp_head.py compares
- * the logits with llama.cpp's own). Built at first use by specdec/models/native_matmul.py.
+ * the logits with llama.cpp's own). Built at first use by specdec/kernels/native_matmul.py.
  */
 #include <math.h>
 #include <stdint.h>

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import SpecDecError
-from .compact_decoder import CompactDecoder, UnsupportedArchitecture, unsupported_reason
-from .cpu_matmul import FewRowLinear
-from .hf import HFCausalLM
+from ..backends.compact_decoder import CompactDecoder, UnsupportedArchitecture, unsupported_reason
+from ..kernels.cpu_matmul import FewRowLinear
+from ..backends.hf import HFCausalLM
 
 log = logging.getLogger("specdec")
 
