@@ -16,7 +16,8 @@ import torch
 from specdec import Engine, SamplingParams
 from specdec.kernels import gpu_kernels
 from specdec.backends.compact_decoder import CompactDecoder
-from specdec.backends.graph_decoder import GRAPH_MAX_TOKENS, GraphDecoder, graph_decoder_for
+from specdec.backends.graph_decoder import GraphDecoder, graph_decoder_for
+from specdec.backends.step_graphs import GRAPH_MAX_TOKENS
 from specdec.backends.hf import HFCausalLM
 import tiny
 from test_compact_decoder import worst_gap_through_rewinds
@@ -179,9 +180,14 @@ def test_a_finished_sequence_hands_its_cache_slot_to_the_next():
     _, decoder = _decoder(tiny.llama(0, dtype=DTYPE))
     first = decoder.new_cache()
     slot = first.slot
-    del first
-    gc.collect()
-    assert decoder.new_cache().slot is slot  # its buffers (and graphs) are reused, not rebuilt
+    decoder.release(first)
+    decoder.release(first)  # twice is harmless
+    assert first.slot is None
+    second = decoder.new_cache()
+    assert second.slot is slot  # its buffers (and graphs) are reused, not rebuilt
+    del second
+    gc.collect()  # no finaliser hands a slot back behind the stepping thread's back
+    assert decoder.new_cache().slot is not slot
 
 
 def test_steps_past_the_capacity_are_refused_with_a_clear_error():

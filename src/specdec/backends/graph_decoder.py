@@ -7,17 +7,10 @@ decode or draft step, k+1 for a verify), so each shape is captured once as a CUD
 a cache of fixed capacity, and replayed: positions travel as a device tensor, a rewind is a
 change of the length, and nothing in a step waits for the host.
 
-A cache is a lease of a slot; a slot keeps its buffers and graphs when its lease ends, so
-the next request reuses them instead of capturing again.
-
-Many sequences at once (a server's batch): `reserve_sequences(n)` puts n slots in one pool,
-a tensor per layer [n + 1, kv_heads, capacity, head_dim]. A batch of pooled sequences, each
-feeding up to 16 tokens, runs as one graph per (batch size rounded up to a power of two,
-widest feed): the graph takes each sequence's slot index and start position as device tensors,
-so sequences join and leave between steps without a recapture. Feeds are padded to the
-widest: a padding row writes keys past its sequence's length, where nothing reads them
-before a real step overwrites them (a rewind is a length change), and its logits are dropped.
-Padding sequences write into the pool's spare slot.
+The decoder is composed of: its cache (static_cache.py: slots leased to sequences, a pool
+for a server's batch), its step shapes and their capture (step_graphs.py), the fused layers
+(fused_layers.py), attention in PyTorch's kernels (grouped_attention.py) and plain greedy
+decoding a step ahead of the host (greedy_chain.py).
 """
 from __future__ import annotations
 
@@ -33,58 +26,18 @@ from .. import trace
 from ..kernels import gpu_kernels
 from .base import PACKED, BatchLayout, ChainsGreedySteps, pinned
 from .compact_decoder import PREFILL_CHUNK, CompactDecoder
-from .layers import Layer, UnsupportedArchitecture, attention_mask, linear, rotate
+from .fused_layers import FusedLayers, why_kernels_do_not_apply
+from .greedy_chain import GreedyChain
+from .grouped_attention import GroupedAttention
+from .layers import UnsupportedArchitecture, attention_mask, linear
+from .static_cache import Slot, SlotLeases, StaticCache
+from .step_graphs import (GRAPH_MAX_TOKENS, JOIN_PIECE, JOIN_PIECES_STEP, MAX_GRAPH_BATCH, MAX_JOIN_PIECES,
+                          MIN_PROMPT_WIDTH, PADDED, BatchStep, GraphCapture, graph_batch_size, prompts_that_join)
+from .step_graphs import pieces as count_pieces
 
 log = logging.getLogger("specdec")
 
-GRAPH_MAX_TOKENS = 16  # steps feeding more tokens than this (prompts) run eagerly
 DEFAULT_CAPACITY = 4096  # positions per sequence; the model's max_context is capped to it
-MAX_GRAPH_BATCH = 32  # sequences per batched graph; larger batches run eagerly
-MIN_PROMPT_WIDTH = 32  # prompt steps are captured for 32, 64, ... PREFILL_CHUNK positions
-# A batch's pass that new prompts join runs its feeds as pieces of this many positions, in a
-# graph per count of pieces: JOIN_PIECES_STEP, 2 * JOIN_PIECES_STEP, ... MAX_JOIN_PIECES.
-JOIN_PIECE = 4  # a verify at k = 3 is one piece
-JOIN_PIECES_STEP = 16
-MAX_JOIN_PIECES = 256  # 1024 positions: a 512-token prompt beside 32 sequences' 16-token feeds
-
-
-class _Pool:
-    """The keys and values of `count` slots, plus a spare that padding sequences write into."""
-
-    def __init__(self, count: int, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        shape = (count + 1, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
-        self.count = count
-        self.spare = count
-
-
-class _Slot:
-    """One sequence's keys and values at fixed addresses, and the graphs that write them.
-    A pooled slot's tensors are views of its row of the pool."""
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], index: int | None = None) -> None:
-        self.keys, self.values = keys, values  # [kv_heads, capacity, head_dim] per layer
-        self.index = index  # its row of the pool; None for a slot of its own
-        device = keys[0].device
-        self.start = torch.zeros((), dtype=torch.long, device=device)  # first position of a step
-        self.inputs: dict[int, torch.Tensor] = {}  # tokens per step size, [n]
-        self.outputs: dict[int, torch.Tensor] = {}  # logits per step size, [n, vocab]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # Plain greedy decoding (GreedyChain): a one-token step that ends by writing its
-        # argmax into its own input, so the next step needs nothing from the host.
-        self.chain_input = torch.zeros(1, dtype=torch.long, device=device)
-        self.chain_graph: torch.cuda.CUDAGraph | None = None
-
-
-class StaticCache:
-    """A sequence's lease of a slot; `length` is the truth, positions past it are stale."""
-
-    def __init__(self, slot: _Slot) -> None:
-        self.slot: _Slot | None = slot  # None once released
-        self.length = 0
-        self.extra_head = None  # no per-sequence head rows on this path
 
 
 class GraphDecoder(CompactDecoder, ChainsGreedySteps):
@@ -98,60 +51,32 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         super().__init__(model, name, dtype, eos_token_ids, vocab_size)
         self.capacity = min(capacity, self.max_context)
         self.max_context = self.capacity
-        self._free: list[_Slot] = []  # released slots; pooled ones are taken first
-        self._pool: _Pool | None = None
-        self._batch_steps: dict[tuple[int, int], _BatchStep] = {}
-        self._prompt_steps: dict[tuple[int, int], _BatchStep] = {}  # (width, 1): pooled prompts
-        self._join_steps: dict[int, _BatchStep] = {}  # pieces: prompts that join a batch's pass
+        self._leases = SlotLeases(len(self._layers), self._kv_heads, self.capacity, self._head_dim, self.dtype,
+                                  self.device)
+        self._batch_steps: dict[tuple[int, int], BatchStep] = {}
+        self._prompt_steps: dict[tuple[int, int], BatchStep] = {}  # (width, 1): pooled prompts
+        self._join_steps: dict[int, BatchStep] = {}  # pieces: prompts that join a batch's pass
         self._logits_buffer: torch.Tensor | None = None  # the batched steps' logits (see _batch_step)
-        # Off CUDA every step runs eagerly over the same static cache (that is how CPU tests
-        # check this path's arithmetic); graphs run one at a time, so they share one pool.
-        self._graphs = self.device.type == "cuda"
-        self._memory = torch.cuda.graph_pool_handle() if self._graphs else None
+        self._capture_graphs = GraphCapture(self.device)
+        self._graphs = self._capture_graphs.enabled  # off CUDA every step runs eagerly
+        self._attention_heads = GroupedAttention(self._heads, self._kv_heads, self._head_dim, self.dtype)
+        self._fused = FusedLayers(self._layers, self._final_norm, self._eps, self.dtype, self._product)
         self._offsets = torch.arange(GRAPH_MAX_TOKENS, device=self.device)
         self._key_positions = torch.arange(self.capacity, device=self.device)
-        reason = self._kernels_do_not_apply(model)
+        reason = why_kernels_do_not_apply(model, self._layers, self.dtype, self._head_dim)
         if kernels and reason:
             raise ValueError(f"the fused GPU kernels do not apply: {reason}")
         if kernels is None:  # SPECDEC_GPU_KERNELS=0 turns them off where a caller cannot say so
             kernels = self.device.type == "cuda" and reason is None and os.environ.get("SPECDEC_GPU_KERNELS") != "0"
         self.kernels = kernels
 
-    def _kernels_do_not_apply(self, model: nn.Module) -> str | None:
-        config = model.config.get_text_config()
-        act = getattr(config, "hidden_activation", None) or config.hidden_act
-        if not gpu_kernels.available():
-            return "Triton is not installed"
-        if self.dtype not in gpu_kernels.DTYPES:
-            return f"{self.dtype} weights"
-        if act != "silu":
-            return f"the {getattr(config, 'model_type', '?')} layer (the kernels fuse Llama-style layers)"
-        if any(layer.q_norm is not None or layer.post_attention_norm is not None for layer in self._layers):
-            return "query/key or post-attention norms (the kernels fuse Llama-style layers)"
-        if self._head_dim & (self._head_dim - 1) or self._head_dim < 16:
-            return f"head size {self._head_dim} (a power of two from 16 is needed)"
-        if any(not isinstance(w, torch.Tensor) for layer in self._layers for w in (layer.qkv, layer.o, layer.gate_up)):
-            return "quantised weights"
-        return None
-
     # ---- CausalLM ----------------------------------------------------------------------------
     def new_cache(self) -> StaticCache:
-        if self._free:
-            pooled = [i for i, slot in enumerate(self._free) if slot.index is not None]
-            slot = self._free.pop(pooled[-1] if pooled else -1)
-        else:
-            keys = [torch.zeros(self._kv_heads, self.capacity, self._head_dim, dtype=self.dtype, device=self.device)
-                    for _ in self._layers]
-            slot = _Slot(keys, [torch.zeros_like(k) for k in keys])
-        return StaticCache(slot)
+        return self._leases.lease()
 
     def release(self, cache: StaticCache) -> None:
-        """The sequence is finished: its slot goes to the next one now (explicitly, on the
-        stepping thread: a finaliser could hand it over mid-pass). The cache is unusable
-        after; a second release does nothing."""
-        if cache.slot is not None:
-            self._free.append(cache.slot)
-            cache.slot = None
+        """The sequence is finished: its slot goes to the next one now. A second release does nothing."""
+        self._leases.end(cache)
 
     @torch.inference_mode()
     def reserve_sequences(self, count: int) -> None:
@@ -161,17 +86,15 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         that no request waits for a capture (or a kernel compile) mid-stream. Once per
         decoder; sequences beyond the pool get slots of their own, and batches holding one of
         those run eagerly. Costs count x (one sequence's cache) of device memory."""
-        if self._pool is not None:
-            if count > self._pool.count:
-                log.warning("%s: %d pooled sequences already reserved; %d asked", self.name, self._pool.count, count)
+        if self._leases.pool is not None:
+            if count > self._leases.pool.count:
+                log.warning("%s: %d pooled sequences already reserved; %d asked", self.name, self._leases.pool.count,
+                            count)
             return
-        self._pool = pool = _Pool(count, len(self._layers), self._kv_heads, self.capacity, self._head_dim,
-                                  self.dtype, self.device)
-        self._free.extend(_Slot([k[i] for k in pool.keys], [v[i] for v in pool.values], i)
-                          for i in reversed(range(count)))
+        self._leases.make_pool(count)
         if not self.kernels:  # batches then take the packed pass over the pooled slots
             return
-        largest = _graph_batch_size(min(count, MAX_GRAPH_BATCH))
+        largest = graph_batch_size(min(count, MAX_GRAPH_BATCH))
         self._logits_buffer = torch.empty(largest * GRAPH_MAX_TOKENS, self._head.shape[0], dtype=torch.float32,
                                           device=self.device)
         if self._graphs:
@@ -215,11 +138,11 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         run as one batched graph (eagerly off CUDA), others one by one (a prompt: its own
         graph). Without a pool or the fused kernels: CompactDecoder's packed pass.
         Returns each sequence's logits [num_logits_i, vocab], its own tensor."""
-        if not self.kernels or self._pool is None:
+        if not self.kernels or self._leases.pool is None:
             return super().forward_batch(token_ids, caches, num_logits)
         together = [i for i, (t, c) in enumerate(zip(token_ids, caches)) if self._batchable(c, t.shape[0])]
         results: list[torch.Tensor | None] = [None] * len(caches)
-        prompts = _prompts_that_join(token_ids, caches, together)
+        prompts = prompts_that_join(token_ids, caches, together)
         if prompts:  # new sequences' prompts (a draft's first feed is one) and the batch: one pass
             batch, together = together[:MAX_GRAPH_BATCH], together[MAX_GRAPH_BATCH:]
             for i, rows in zip(prompts + batch, self._pass_with_prompts(token_ids, caches, num_logits, prompts, batch)):
@@ -240,7 +163,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
     def batch_layout(self) -> BatchLayout:
         """Pooled batches run as graphs padded to the widest feed and to a power-of-two batch
         size (per MAX_GRAPH_BATCH sequences); without them, CompactDecoder's packed pass."""
-        return PACKED if not self.kernels or self._pool is None else _PADDED
+        return PACKED if not self.kernels or self._leases.pool is None else PADDED
 
     def _batched_step(self, token_ids: list[torch.Tensor], caches: list[StaticCache],
                       num_logits: list[int]) -> list[torch.Tensor]:
@@ -248,7 +171,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         width = max(sizes)
         for cache, n in zip(caches, sizes):
             self._check_room(cache, n)
-        step = self._batch_step(_graph_batch_size(len(caches)), width)
+        step = self._batch_step(graph_batch_size(len(caches)), width)
         keep = self._run_step(step, token_ids, [b * width for b in range(len(caches))],
                               [c.slot.index for c in caches], [c.length for c in caches], num_logits)
         for cache, n in zip(caches, sizes):
@@ -257,7 +180,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         # index_select copies: the next batched step overwrites the buffer they share.
         return list(step.output.index_select(0, keep).split(num_logits))
 
-    def _run_step(self, step: "_BatchStep", token_ids: list[torch.Tensor], first_rows: list[int], slots: list[int],
+    def _run_step(self, step: BatchStep, token_ids: list[torch.Tensor], first_rows: list[int], slots: list[int],
                   starts: list[int], num_logits: list[int]) -> torch.Tensor:
         """Set a step's inputs and run it: feed b's tokens go to rows first_rows[b].., each of
         the step's sequences (padding ones: the spare slot, from position 0) reads `slots` and
@@ -271,7 +194,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         where = [first_rows[b] + i for b in order for i in range(token_ids[b].shape[0])]
         keep = [first_rows[b] + t.shape[0] - m + j for b, (t, m) in enumerate(zip(token_ids, num_logits))
                 for j in range(m)]
-        header = [*where, *slots, *[self._pool.spare] * padding, *starts, *[0] * padding, *keep]
+        header = [*where, *slots, *[self._leases.pool.spare] * padding, *starts, *[0] * padding, *keep]
         meta = self._on_device(torch.cat([torch.tensor(header, dtype=torch.long),
                                           *(token_ids[b].long() for b in on_host)]))
         fed = len(where)
@@ -291,13 +214,13 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
     def _batchable(self, cache: StaticCache, width: int) -> bool:
         """A feed that can join a batched graph: a pooled sequence's, narrow enough, with room
         for the padded width."""
-        return (self._pool is not None and cache.slot.index is not None and width <= GRAPH_MAX_TOKENS
+        return (self._leases.pool is not None and cache.slot.index is not None and width <= GRAPH_MAX_TOKENS
                 and cache.length + GRAPH_MAX_TOKENS <= self.capacity)
 
-    def _batch_step(self, size: int, width: int) -> "_BatchStep":
+    def _batch_step(self, size: int, width: int) -> BatchStep:
         step = self._batch_steps.get((size, width))
         if step is None:
-            def logits(step: _BatchStep) -> torch.Tensor:
+            def logits(step: BatchStep) -> torch.Tensor:
                 # Into one buffer that every batched step shares: a graph's own output would
                 # stay allocated for the life of the graph, ~4 GB over all shapes for an 8B model.
                 rows = self._logits(self._batched_body(step))
@@ -305,24 +228,12 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
             step = self._batch_steps[(size, width)] = self._step_shape(size, width, logits)
         return step
 
-    def _step_shape(self, size: int, width: int, output) -> "_BatchStep":
-        """A step shape over the pool: its inputs, and `run`, which sets step.output to
-        output(step): the captured graph's replay on CUDA, the body itself elsewhere."""
-        step = _BatchStep(size, width, self.device)
-        step.slots.fill_(self._pool.spare)  # capture warm-ups write into the spare slot only
+    def _step_shape(self, size: int, width: int, output) -> BatchStep:
+        return self._capture_graphs.step_shape(size, width, self._leases.pool.spare, output)
 
-        def body() -> None:
-            step.output = output(step)
-        if self._graphs:
-            step.graph = self._captured(body)
-            step.run = step.graph.replay
-        else:
-            step.run = body
-        return step
-
-    def _batched_body(self, step: "_BatchStep") -> torch.Tensor:
+    def _batched_body(self, step: BatchStep) -> torch.Tensor:
         """The fused layers over a batch of pooled sequences, `step.width` rows each."""
-        n, pool = step.width, self._pool
+        n, pool = step.width, self._leases.pool
         positions = (step.starts[:, None] + self._offsets[None, :n]).reshape(-1)
         hidden = self.embedding(step.tokens).float()
         rotary = self._rotary(positions.float())
@@ -332,7 +243,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
                                        self._heads, self._kv_heads)
             return gpu_kernels.attend_batch(qkv, cos, sin, pool.keys[i], pool.values[i], step.starts, step.slots,
                                             n, self._heads, layer.scaling, layer.sliding_window)
-        return self._fused_layers(hidden, rotary, cache)
+        return self._fused.run(hidden, rotary, cache)
 
     @torch.inference_mode()
     def prefill(self, token_ids: torch.Tensor, cache: StaticCache) -> None:
@@ -343,7 +254,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         return None  # the full head already covers every token
 
     @torch.inference_mode()
-    def greedy_chain(self, cache: StaticCache, last_token: int) -> "GreedyChain":
+    def greedy_chain(self, cache: StaticCache, last_token: int) -> GreedyChain:
         """Plain greedy decoding after `last_token` (the one token not yet in the cache),
         with the device kept a step ahead of the host."""
         slot = cache.slot
@@ -351,7 +262,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
             slot.start.fill_(cache.length)  # the capture's warm-up runs write past the length
             self._capture_chain(slot)  # before the input is set: warm-up runs overwrite it
         slot.chain_input.fill_(last_token)
-        return GreedyChain(self, cache)
+        return GreedyChain(lambda: self._chain_step(cache), slot.chain_input, self._graphs)
 
     @torch.inference_mode()
     def _chain_step(self, cache: StaticCache) -> None:
@@ -365,7 +276,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
             self._chain_body(slot)
         cache.length += 1
 
-    def _chain_body(self, slot: _Slot) -> None:
+    def _chain_body(self, slot: Slot) -> None:
         logits = self._logits(self._static_body(slot.chain_input, slot))
         slot.chain_input.copy_(logits.argmax(dim=-1))  # the same argmax as verify_greedy's
 
@@ -387,29 +298,16 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         for cache in caches:
             self.release(cache)
 
-    def _capture(self, slot: _Slot, n: int) -> None:
+    def _capture(self, slot: Slot, n: int) -> None:
         tokens = torch.zeros(n, dtype=torch.long, device=self.device)
         slot.inputs[n] = tokens
         outputs: list[torch.Tensor] = []
-        slot.graphs[n] = self._captured(lambda: outputs.append(self._logits(self._static_body(tokens, slot))))
+        slot.graphs[n] = self._capture_graphs.captured(
+            lambda: outputs.append(self._logits(self._static_body(tokens, slot))))
         slot.outputs[n] = outputs[-1]
 
-    def _capture_chain(self, slot: _Slot) -> None:
-        slot.chain_graph = self._captured(lambda: self._chain_body(slot))
-
-    def _captured(self, step) -> torch.cuda.CUDAGraph:
-        # Warm-up runs (on a side stream, as capture requires) write stale keys at positions
-        # from slot.start on: past the sequence's length, where nothing reads them.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._memory):
-            step()
-        return graph
+    def _capture_chain(self, slot: Slot) -> None:
+        slot.chain_graph = self._capture_graphs.captured(lambda: self._chain_body(slot))
 
     # ---- the decoder over a static cache ----------------------------------------------------------
     def _body(self, token_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
@@ -443,7 +341,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         cache.length += n
         return step.output[:n]  # the final hidden states, normed
 
-    def _prompt_step(self, width: int) -> "_BatchStep":
+    def _prompt_step(self, width: int) -> BatchStep:
         """The captured prompt step: one pooled sequence, `width` positions. The fused layers,
         with attention in PyTorch's kernel over the slot's cache under a causal mask."""
         step = self._prompt_steps.get((width, 1))
@@ -451,8 +349,8 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
             step = self._prompt_steps[(width, 1)] = self._step_shape(1, width, self._prompt_body)
         return step
 
-    def _prompt_body(self, step: "_BatchStep") -> torch.Tensor:
-        n, pool = step.width, self._pool
+    def _prompt_body(self, step: BatchStep) -> torch.Tensor:
+        n, pool = step.width, self._leases.pool
         positions = step.starts + torch.arange(n, device=self.device)  # [n]
         hidden = self.embedding(step.tokens).float()
         rotary = self._rotary(positions.float())
@@ -465,31 +363,12 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
                                        self._heads, self._kv_heads)
             window = layer.sliding_window
             if window not in masks:
-                masks[window] = self._grouped_mask(
+                masks[window] = self._attention_heads.mask(
                     causal if window is None else causal & (keys_at > positions[:, None] - window))
-            return self._attend_prompt(qkv, cos, sin, pool.keys[i].index_select(0, step.slots)[0],
-                                       pool.values[i].index_select(0, step.slots)[0], layer, masks[window])
-        return self._fused_layers(hidden, rotary, attend)
-
-    def _attend_prompt(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                       values: torch.Tensor, layer: Layer, mask: torch.Tensor | None) -> torch.Tensor:
-        """A prompt's queries (rotated here) over keys and values already in the cache, in
-        PyTorch's fused attention -> [n, heads * d]. mask: _grouped_mask's [group * n, keys],
-        or None for a causal prompt over exactly its own keys.
-
-        Under a mask the query heads sharing a key/value head are stacked as rows of it (as in
-        _attend_static): grouped-query attention under a mask has no fused kernel, nor has a
-        3-D input, and the fall-back runs in float32 (a 255-token 8B prompt spent 7 of its 18 ms
-        there; 10.6 ms in all since)."""
-        n, d = qkv.shape[0], self._head_dim
-        q = rotate(qkv[:, : self._heads * d].float().view(n, self._heads, d), cos, sin).to(self.dtype)
-        # Four dimensions throughout: PyTorch's fused kernels take no other shape.
-        if mask is None:  # the flash kernel takes grouped heads
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True,
-                                                 scale=layer.scaling, enable_gqa=True)[0]
-        else:
-            out = self._grouped_attention(q, keys, values, layer, mask)
-        return out.transpose(0, 1).reshape(n, self._heads * d)
+            return self._attention_heads.prompt(qkv, cos, sin, pool.keys[i].index_select(0, step.slots)[0],
+                                                pool.values[i].index_select(0, step.slots)[0], layer.scaling,
+                                                masks[window])
+        return self._fused.run(hidden, rotary, attend)
 
     def _fused_prompt(self, token_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
         """A prompt (more positions than a graph step takes), eagerly, over the fused layers:
@@ -505,11 +384,12 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         def attend(i, qkv, cos, sin, layer):
             gpu_kernels.write_kv(qkv, cos, sin, slot.keys[i], slot.values[i], slot.start, self._heads, self._kv_heads)
             causal = start == 0 and layer.sliding_window is None
-            mask = None if causal else self._grouped_mask(attention_mask(start, n, layer.sliding_window, self.device))
-            return self._attend_prompt(qkv, cos, sin, slot.keys[i][:, : start + n], slot.values[i][:, : start + n],
-                                       layer, mask)
+            visible = None if causal else attention_mask(start, n, layer.sliding_window, self.device)
+            return self._attention_heads.prompt(qkv, cos, sin, slot.keys[i][:, : start + n],
+                                                slot.values[i][:, : start + n], layer.scaling,
+                                                None if visible is None else self._attention_heads.mask(visible))
 
-        hidden = self._fused_layers(hidden, self._rotary(positions), attend)
+        hidden = self._fused.run(hidden, self._rotary(positions), attend)
         cache.length += n
         return hidden
 
@@ -529,8 +409,8 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         feeds = prompts + batch
         sizes = [token_ids[i].shape[0] for i in feeds]
         for i, n in zip(feeds, sizes):
-            self._check_room(caches[i], _pieces(n) * JOIN_PIECE)
-        counts = [_pieces(n) for n in sizes]
+            self._check_room(caches[i], count_pieces(n) * JOIN_PIECE)
+        counts = [count_pieces(n) for n in sizes]
         firsts = list(accumulate([0] + counts))  # each feed's first piece
         step = self._join_step(-(-firsts[-1] // JOIN_PIECES_STEP) * JOIN_PIECES_STEP)
         # Token t of a feed is row first_piece * JOIN_PIECE + t; each piece reads its feed's slot.
@@ -543,7 +423,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         logits = self._logits(step.output.index_select(0, keep))
         return list(logits.split([num_logits[i] for i in feeds]))
 
-    def _join_step(self, pieces: int) -> "_BatchStep":
+    def _join_step(self, pieces: int) -> BatchStep:
         """The captured pass over `pieces` pieces of JOIN_PIECE positions (see _pass_with_prompts);
         its output: the final hidden states, normed (logits are computed for the rows kept only)."""
         step = self._join_steps.get(pieces)
@@ -551,7 +431,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
             step = self._join_steps[pieces] = self._step_shape(pieces, JOIN_PIECE, self._batched_body)
         return step
 
-    def _static_body(self, token_ids: torch.Tensor, slot: _Slot) -> torch.Tensor:
+    def _static_body(self, token_ids: torch.Tensor, slot: Slot) -> torch.Tensor:
         n = token_ids.shape[0]
         positions = slot.start + self._offsets[:n]  # [n], on the device
         hidden = self.embedding(token_ids).float()
@@ -563,7 +443,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
                                      self._kv_heads)
                 return gpu_kernels.attend(qkv, cos, sin, slot.keys[i], slot.values[i], slot.start, self._heads,
                                           layer.scaling, layer.sliding_window)
-            return self._fused_layers(hidden, rotary, cache)
+            return self._fused.run(hidden, rotary, cache)
         keys = self._key_positions[None]
         causal = keys <= positions[:, None]  # [n, capacity]
         masks: dict[int | None, torch.Tensor] = {}
@@ -571,25 +451,10 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
             window = layer.sliding_window
             if window not in masks:
                 visible = causal if window is None else causal & (keys > positions[:, None] - window)
-                masks[window] = self._grouped_mask(visible)
-            hidden = self._layer(layer, i, hidden, rotary[layer.rope], self._attention(slot, positions, masks[window]))
+                masks[window] = self._attention_heads.mask(visible)
+            attend = self._attention_heads.over_slot(slot, positions, masks[window])
+            hidden = self._layer(layer, i, hidden, rotary[layer.rope], attend)
         return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
-
-    def _fused_layers(self, hidden: torch.Tensor, rotary: list[tuple[torch.Tensor, torch.Tensor]],
-                      cache) -> torch.Tensor:
-        """The same layers as _static_body in 9 kernels each (gpu_kernels); the final hidden
-        state comes out normed, in the weights' dtype. cache(index, qkv, cos, sin, layer)
-        writes a layer's keys and values and returns its attention output."""
-        delta = None  # the last MLP's output, added to the residual stream by the next norm
-        for i, layer in enumerate(self._layers):
-            cos, sin = rotary[layer.rope]
-            x = gpu_kernels.add_rms_norm(hidden, delta, layer.input_norm, self._eps, self.dtype)
-            attended = cache(i, self._product(x, layer.qkv, layer.qkv_bias), cos, sin, layer)
-            x = gpu_kernels.add_rms_norm(hidden, self._product(attended, layer.o), layer.pre_mlp_norm,
-                                         self._eps, self.dtype)
-            gated = gpu_kernels.silu_mul(self._product(x, layer.gate_up))
-            delta = self._product(gated, layer.down)
-        return gpu_kernels.add_rms_norm(hidden, delta, self._final_norm, self._eps, self.dtype)
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Up to MAX_ROWS rows: the skinny kernel, whose rows do not depend on how many come;
@@ -599,148 +464,14 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         out = linear(x, weight)
         return out if bias is None else out + bias
 
-    def _attention(self, slot: _Slot, positions: torch.Tensor, mask: torch.Tensor):
-        """attend(layer, index, q, k, v) -> [n, heads * head_dim] for one sequence's rows."""
-        def attend(layer: Layer, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out = self._attend_static(layer, q, k, v, slot, index, positions, mask)  # [heads, n, d]
-            return out.transpose(0, 1).reshape(q.shape[0], self._heads * self._head_dim)
-        return attend
-
-    def _kv_store(self, cache: StaticCache, length: int) -> _Slot:
+    def _kv_store(self, cache: StaticCache, length: int) -> Slot:
         self._check_room(cache, length - cache.length)
         return cache.slot
-
-    def _grouped_mask(self, visible: torch.Tensor) -> torch.Tensor:
-        """[n, capacity] visibility -> an additive mask for the grouped queries of _attend_static,
-        row g * n + i for query head g of a group at step position i."""
-        group = self._heads // self._kv_heads
-        additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        additive.masked_fill_(~visible, float("-inf"))
-        return additive.repeat(group, 1)
-
-    def _attend_static(self, layer: Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: _Slot,
-                index: int, start: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """start: this step's positions [n]. Attends over the whole capacity under the mask:
-        a fixed shape, and a few hundred MB of reads at most against the weights' GBs.
-
-        The query heads that share a key/value head are stacked as extra query rows of it, so
-        attention is one fused kernel; grouped-query attention with a mask would otherwise
-        copy the keys and values out to every query head first."""
-        keys, values = cache.keys[index], cache.values[index]
-        keys.index_copy_(1, start, k.transpose(0, 1).to(self.dtype))
-        values.index_copy_(1, start, v.transpose(0, 1).to(self.dtype))
-        return self._grouped_attention(q, keys, values, layer, mask)
-
-    def _grouped_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: Layer,
-                           mask: torch.Tensor) -> torch.Tensor:
-        """Queries [n, heads, d] over keys and values [kv_heads, positions, d] under
-        _grouped_mask's mask -> [heads, n, d]: the query heads sharing a key/value head are
-        stacked as rows of it, so that grouped-query attention under a mask is one fused kernel."""
-        n, kv, d = q.shape[0], self._kv_heads, self._head_dim
-        group = self._heads // kv
-        grouped = q.to(self.dtype).view(n, kv, group, d).permute(1, 2, 0, 3).reshape(kv, group * n, d)
-        out = F.scaled_dot_product_attention(grouped[None], keys[None], values[None], attn_mask=mask,
-                                             scale=layer.scaling)  # 4-D: the fused kernels' only shape
-        return out.reshape(self._heads, n, d)  # head j * group + g: as transformers repeats them
 
     def _check_room(self, cache: StaticCache, n: int) -> None:
         if cache.length + n > self.capacity:
             raise ValueError(f"the static cache holds {self.capacity} positions; "
                              f"{cache.length} + {n} do not fit")
-
-
-def _graph_batch_size(sequences: int) -> int:
-    """The captured batch size that runs this many sequences (at most MAX_GRAPH_BATCH): the
-    next power of two."""
-    return 1 << (sequences - 1).bit_length()
-
-
-def _pieces(rows: int) -> int:
-    return -(-rows // JOIN_PIECE)
-
-
-def _prompts_that_join(token_ids: list[torch.Tensor], caches: list[StaticCache], batch: list[int]) -> list[int]:
-    """The prompts (pooled feeds wider than a graph step) that join a batch's pass, in order,
-    while the pass stays within MAX_JOIN_PIECES pieces; none without a batch to join."""
-    if not batch:
-        return []
-    joining, pieces = [], sum(_pieces(token_ids[i].shape[0]) for i in batch[:MAX_GRAPH_BATCH])
-    for i, (t, cache) in enumerate(zip(token_ids, caches)):
-        more = _pieces(t.shape[0])
-        if t.shape[0] > GRAPH_MAX_TOKENS and cache.slot.index is not None and pieces + more <= MAX_JOIN_PIECES:
-            joining.append(i)
-            pieces += more
-    return joining
-
-
-def _graph_batch_rows(sequences: int) -> int:
-    """The batch size the graphs run `sequences` at: chunks of MAX_GRAPH_BATCH, each padded
-    to a power of two (as forward_batch and _batched_step split and pad them)."""
-    full, rest = divmod(sequences, MAX_GRAPH_BATCH)
-    return full * MAX_GRAPH_BATCH + (_graph_batch_size(rest) if rest else 0)
-
-
-_PADDED = BatchLayout(padded_batch=_graph_batch_rows)
-
-
-class _BatchStep:
-    """The inputs, output and graph of one step shape over the pool: `size` sequences
-    (padding included) feeding `width` tokens each."""
-
-    def __init__(self, size: int, width: int, device: torch.device) -> None:
-        self.size, self.width = size, width
-        self.tokens = torch.zeros(size * width, dtype=torch.long, device=device)
-        self.slots = torch.zeros(size, dtype=torch.long, device=device)
-        self.starts = torch.zeros(size, dtype=torch.long, device=device)
-        self.output: torch.Tensor | None = None  # after a run: logits [size * width, vocab]; a prompt step's hidden states
-        self.run = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-
-class GreedyChain:
-    """Plain greedy decoding with the host one step behind the device.
-
-    A plain step's host work (reading the token, emitting its text, the next launch) took
-    ~0.2 ms per token on an H100, 3 % of an 8B step, with the GPU idle. Here each step ends by
-    writing its argmax into its own input, so the next step is launched before the host has
-    read the token; the host reads each token through pinned memory while the next step runs.
-    The cache then holds the newest token too: whoever stops the chain rewinds it (a step
-    launched ahead of an EOS is discarded, never emitted).
-    """
-
-    def __init__(self, decoder: GraphDecoder, cache: StaticCache) -> None:
-        """Use GraphDecoder.greedy_chain, which sets the first input."""
-        self.decoder, self.cache = decoder, cache
-        self._async = decoder._graphs
-        # host copies of launched steps' tokens, oldest first, with the event that marks each ready
-        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
-        self._spare: list[torch.Tensor] = []
-
-    @torch.inference_mode()
-    def launch(self) -> None:
-        """Queue one more step after the newest token."""
-        self.decoder._chain_step(self.cache)
-        chosen = self.cache.slot.chain_input
-        if not self._async:
-            self._pending.append((chosen.clone(), None))
-            return
-        host = self._spare.pop() if self._spare else torch.empty(1, dtype=torch.long, pin_memory=True)
-        host.copy_(chosen, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append((host, event))
-
-    @property
-    def queued(self) -> int:
-        return len(self._pending)
-
-    def take(self) -> int:
-        """The oldest queued step's token (waits for that step only)."""
-        host, event = self._pending.pop(0)
-        if event is not None:
-            event.synchronize()
-            self._spare.append(host)
-        return int(host[0])
 
 
 def graph_decoder_for(model, capacity: int = DEFAULT_CAPACITY, kernels: bool | None = None):
