@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device-tool call that checks and times the GPU path; results under $OUT.
+#   bash scripts/gpu_check.sh check     the GPU tests (graphs captured, Triton compiled) and the
+#                                       single-request benchmark (exactness, plain, speculative table)
+#   bash scripts/gpu_check.sh serving   batched serving at loads 1 and 8, and where the host's time goes
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)' | tee -a "$OUT/device.txt"
+case "${1:-check}" in
+  check)
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_graph_decoder.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    python3 scripts/gpu_bench.py --repeats "${REPEATS:-2}" --no-compile 2>&1 | tee "$OUT/gpu_bench.log" | tail -40
+    ;;
+  serving)
+    python3 scripts/gpu_serving.py --concurrency "${LOADS:-1,8}" 2>&1 | tee "$OUT/gpu_serving.log" | tail -20
+    python3 scripts/gpu_host_gaps.py 2>&1 | tee "$OUT/gpu_host_gaps.log" | tail -8
+    ;;
+  *) echo "usage: gpu_check.sh check|serving" >&2; exit 2 ;;
+esac
