@@ -42,7 +42,7 @@ class StepFault:
     """Makes one batched step of the scheduler raise after it ran, outside every per-request
     guard: the worst place, since the batch's caches have moved and nobody was told."""
 
-    def __init__(self, scheduler) -> None:
+    def __init__(self, scheduler, monkeypatch) -> None:
         self.armed = threading.Event()
         self.fired_on: int | None = None  # sequences in the step that failed
         real = scheduler.stepper.step
@@ -55,7 +55,7 @@ class StepFault:
                 raise RuntimeError("injected fault in the batch loop")
             return results
 
-        scheduler.stepper.step = step
+        monkeypatch.setattr(scheduler.stepper, "step", step)  # the engine's stepper: put back after the test
 
 
 def complete(base: str, prompt: str, max_tokens: int = 32) -> str:
@@ -114,14 +114,14 @@ def flood(base: str, count: int) -> list[int]:
                              range(count)))
 
 
-def test_server_under_faults_stays_correct_and_keeps_serving(engine):
+def test_server_under_faults_stays_correct_and_keeps_serving(engine, monkeypatch):
     with serving(engine, ServerConfig(model_name=MODEL, max_running=1)) as (base, _):
         expected = {p: complete(base, p) for p in PROMPTS}  # each request alone, bit for bit
         flood_expected = complete(base, "the lazy dog", 8)
 
     with serving(engine, ServerConfig(model_name=MODEL, max_running=4, max_waiting=24,
                                       request_timeout_s=120)) as (base, app):
-        fault = StepFault(app.state.scheduler)
+        fault = StepFault(app.state.scheduler, monkeypatch)
         with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
             streams = [pool.submit(stream, base, PROMPTS[i % len(PROMPTS)]) for i in range(24)]
             cutters = [pool.submit(hang_up, base, 4) for _ in range(3)]
@@ -187,7 +187,7 @@ def test_engine_failure_is_500_for_that_request_only_without_its_details(engine)
         assert statuses["500"] == 2  # the stream too, though its header said 200
 
 
-def test_a_request_past_its_deadline_gets_504_and_frees_its_place(engine):
+def test_a_request_past_its_deadline_gets_504_and_frees_its_place(engine, monkeypatch):
     with serving(engine, ServerConfig(model_name=MODEL, max_running=1, request_timeout_s=0.5)) as (base, app):
         slow = app.state.scheduler.stepper.step
 
@@ -195,23 +195,23 @@ def test_a_request_past_its_deadline_gets_504_and_frees_its_place(engine):
             time.sleep(0.05)
             return slow(generations)
 
-        app.state.scheduler.stepper.step = crawl
+        monkeypatch.setattr(app.state.scheduler.stepper, "step", crawl)
         late = httpx.post(f"{base}/v1/completions", timeout=30,
                           json={"model": MODEL, "prompt": "the quick", "max_tokens": 400, "temperature": 0})
         assert late.status_code == 504 and late.json()["error"]["code"] == "request_timeout"
-        app.state.scheduler.stepper.step = slow
+        monkeypatch.undo()
         assert httpx.get(f"{base}/health").json()["running"] == 0
         assert complete(base, "the quick", 4)
 
 
-def test_a_dead_scheduler_turns_health_and_requests_into_503_not_hangs(engine):
+def test_a_dead_scheduler_turns_health_and_requests_into_503_not_hangs(engine, monkeypatch):
     with serving(engine, ServerConfig(model_name=MODEL, request_timeout_s=30)) as (base, app):
         scheduler = app.state.scheduler
 
         def die(_generations):
             raise SystemExit("the thread's own death, not a step's fault")  # escapes the step guard
 
-        scheduler.stepper.step = die
+        monkeypatch.setattr(scheduler.stepper, "step", die)
         started = time.monotonic()
         dead = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4},
                           timeout=30)

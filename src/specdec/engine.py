@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+from .batching import BatchStepper
 from .draft_length import CostMemory
 from .drafters.base import DrafterFactory
 from .drafters.hybrid import HybridDrafter
@@ -37,6 +38,7 @@ class Engine:
         self._drafter_factory = _drafter_factory(drafter, target, draft_model)
         self._draft_cost: float | None = None
         self._costs = CostMemory()  # this target and drafter's step costs, learned across requests
+        self._batch_stepper: BatchStepper | None = None
 
     def with_drafter(self, drafter: str, draft_model: CausalLM | None = None) -> "Engine":
         """Same target and tokenizer, another drafter (weights are shared, not copied)."""
@@ -69,8 +71,24 @@ class Engine:
 
     # ---- requests --------------------------------------------------------------------------
     def start(self, prompt: Prompt, params: SamplingParams) -> Generation:
-        """Validate a request and return its generation, ready to `step()`."""
-        prompt_ids = self.encode(prompt)
+        """Validate a request and return its generation, ready to `step()` (it takes its caches
+        at its first step, on the thread that steps it)."""
+        return self._start(self.encode(prompt), params)
+
+    def start_chat(self, messages: list[dict[str, str]], params: SamplingParams) -> Generation:
+        """`start` for chat messages, through the tokenizer's chat template."""
+        return self._start(self.encode_chat(messages), params)
+
+    @property
+    def batch_stepper(self) -> BatchStepper:
+        """This engine's batched loop (batching.py), as a server runs it: `batch_stepper.step(generations)`
+        advances every running generation by one step. One per engine, so its planner keeps
+        what it learns of the batched passes' costs."""
+        if self._batch_stepper is None:
+            self._batch_stepper = BatchStepper(self.target)
+        return self._batch_stepper
+
+    def _start(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer, and this model has none", "stop")
         self._check_length(len(prompt_ids), params.max_new_tokens)

@@ -18,11 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..errors import InvalidRequestError, SpecDecError
-from ..generation import GenerationOutput, StepOutput
+from ..generation import Generation, GenerationOutput, StepOutput
 from ..sampling_params import SamplingParams
 from . import protocol
 from .metrics import ServerMetrics
-from ..batching import BatchStepper
 from .scheduler import QueueFullError, RequestFailed, RequestHandle, Scheduler, request_timed_out
 
 log = logging.getLogger("specdec.server")
@@ -60,7 +59,7 @@ OPEN_PATHS = ("/health", "/metrics")  # for probes and scrapers; everything else
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics()
-    scheduler = Scheduler(metrics, BatchStepper(engine.target), config.max_running, config.max_waiting,
+    scheduler = Scheduler(metrics, engine.batch_stepper, config.max_running, config.max_waiting,
                           kv_cells=engine.shared_kv_cells)
 
     @asynccontextmanager
@@ -104,11 +103,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def respond(request: Request, body: protocol._Sampling, prompt_ids: list[int], default_max_tokens: int,
-                      kind: str):
+    async def respond(request: Request, body: protocol._Sampling, start: Callable[[SamplingParams], Generation],
+                      default_max_tokens: int, kind: str):
         """Submit one request and answer it whole or as a stream; `kind` is "completion" or "chat"."""
         rid = protocol.new_id("cmpl" if kind == "completion" else "chatcmpl")
-        handle = _submit(engine, scheduler, prompt_ids, _sampling_params(body, default_max_tokens), rid,
+        handle = _submit(start, scheduler, _sampling_params(body, default_max_tokens), rid,
                          config.request_timeout_s)
         model, drafter = config.model_name, engine.drafter_name
         if not body.stream:
@@ -136,8 +135,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_request(body, config)
-        prompt_ids = _completion_prompt(engine, body.prompt)
-        return await respond(request, body, prompt_ids, protocol.DEFAULT_COMPLETION_MAX_TOKENS, "completion")
+        prompt = _completion_prompt(body.prompt)
+        return await respond(request, body, lambda params: engine.start(prompt, params),
+                             protocol.DEFAULT_COMPLETION_MAX_TOKENS, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: protocol.ChatRequest, request: Request):
@@ -145,8 +145,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         messages = [{"role": m.role, "content": _text(m.text(), "messages")} for m in body.messages]
         if not any(m["content"] for m in messages):
             raise InvalidRequestError("messages have no content", "messages")
-        prompt_ids = engine.encode_chat(messages)
-        return await respond(request, body, prompt_ids, protocol.DEFAULT_CHAT_MAX_TOKENS, "chat")
+        return await respond(request, body, lambda params: engine.start_chat(messages, params),
+                             protocol.DEFAULT_CHAT_MAX_TOKENS, "chat")
 
     return app
 
@@ -186,14 +186,14 @@ def _text(value: str, field: str) -> str:
     return value
 
 
-def _completion_prompt(engine: Engine, prompt: str | list[int] | list[str]) -> list[int]:
+def _completion_prompt(prompt: str | list[int] | list[str]) -> str | list[int]:
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         if len(prompt) != 1:
             raise InvalidRequestError("only one prompt per request is supported", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
         _text(prompt, "prompt")
-    return engine.encode(prompt)
+    return prompt
 
 
 def _sampling_params(body: protocol._Sampling, default_max_tokens: int) -> SamplingParams:
@@ -221,11 +221,11 @@ def _with_openai_field(exc: InvalidRequestError) -> InvalidRequestError:
     return InvalidRequestError(str(exc).replace(exc.field, field), field)
 
 
-def _submit(engine: Engine, scheduler: Scheduler, prompt_ids: list[int], params: SamplingParams, rid: str,
+def _submit(start: Callable[[SamplingParams], Generation], scheduler: Scheduler, params: SamplingParams, rid: str,
             timeout_s: float | None) -> RequestHandle:
     """Validate and queue: nothing is allocated here (the scheduler's thread does that)."""
     try:
-        generation = engine.start(prompt_ids, params)
+        generation = start(params)
         return scheduler.submit(generation, asyncio.get_running_loop(), rid, timeout_s)
     except InvalidRequestError as exc:
         raise _with_openai_field(exc) from None
