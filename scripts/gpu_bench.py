@@ -15,7 +15,7 @@ Plain decoding is timed with and without GreedyChain and programmatic dependent 
 Usage (device tool): PYTHONPATH=src python3 scripts/gpu_bench.py [--quick] [--no-compile] [--repeats N]
 (scripts/gpu_profile.py: kernels of a step or a prefill; scripts/gpu_host_gaps.py: GPU idle time
 in the speculative loop)
-(run `python3 -m pytest tests/test_graph_decoder.py` first: the graph tests need a GPU)
+(run `python3 -m pytest tests/backends/test_graph_decoder.py` first: the graph tests need a GPU)
 """
 from __future__ import annotations
 

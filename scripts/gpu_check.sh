@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)' | tee -a "$OUT/device.txt"
 case "${1:-check}" in
   check)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_graph_decoder.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu_kernels.py tests/backends/test_graph_decoder.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
     python3 scripts/gpu_bench.py --repeats "${REPEATS:-2}" --no-compile 2>&1 | tee "$OUT/gpu_bench.log" | tail -40
     ;;
   serving)

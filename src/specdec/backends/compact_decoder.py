@@ -1,17 +1,20 @@
-"""A lean decoder forward for drafting: the target's own layers, without the framework around them.
+"""The CPU path's decoder: a `transformers` model's own layers, without the framework around them.
 
-A self-draft step on CPU should cost what its weights cost to read. Through `transformers`
-it costs about twice that: per token, Gemma 3 270M's 18 layers issue ~1,100 small ops
-(mask building, rotary tables, norms as five ops each, a KV cache that grows by `torch.cat`),
-~10 ms of overhead on a ~15 ms weight read. This module runs the same computation with
-fused projections (q|k|v and gate|up as one matrix each), one `rms_norm` call per norm,
-rotary angles computed once per step, and a preallocated KV cache whose rewind is a length
-change.
+It runs the default CPU target (one request, or a server's batch in one packed pass,
+`forward_batch`) and the self-draft and distilled drafts. A step on CPU should cost what its
+weights cost to read. Through `transformers` it costs about twice that: per token, Gemma 3
+270M's 18 layers issue ~1,100 small ops (mask building, rotary tables, norms as five ops
+each, a KV cache that grows by `torch.cat`), ~10 ms of overhead on a ~15 ms weight read. This
+module runs the same computation with fused projections (q|k|v and gate|up as one matrix
+each), one `rms_norm` call per norm, rotary angles computed once per step, and a
+preallocated KV cache whose rewind is a length change.
 
-It serves drafts only: its numerics are close to the target's (the residual stream stays
-float32, matmuls run in the weight dtype) but need not be identical, since the target
-verifies every token. Supported families: Llama, Qwen2, Gemma 3 (text); others raise
-`UnsupportedArchitecture` and the caller falls back to the `transformers` clone.
+Its numerics are close to `transformers`' but not bit-identical (the residual stream stays
+float32, matmuls run in the weight dtype, a batch's products take other shapes): on the
+default model its greedy tokens equal `transformers`' on the project's benchmark and the slow
+tests, and the exactness tests hold it to the same path's plain decoding. Supported families:
+Llama, Qwen2, Gemma 3 (text); others raise `UnsupportedArchitecture` and the caller keeps
+`transformers` (a target) or its clone (a draft). The GPU path (graph_decoder.py) builds on it.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ int8 self-draft of Gemma 3 270M spent as long in ~400 small ops per step as in i
 This runs all layers of one step in one call. It applies where the decoder's matrices are
 `Int8Weight`s with float32 activations on CPU, the activation is SiLU or tanh-GELU and the
 native kernels are built; otherwise `one_row_step_for` returns None and the decoder keeps its
-PyTorch path, which computes the same function (tests/test_native_step.py compares them).
+PyTorch path, which computes the same function (tests/backends/test_native_step.py compares them).
 """
 from __future__ import annotations
 

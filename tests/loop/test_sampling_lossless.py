@@ -18,6 +18,8 @@ from specdec.backends.hf import HFCausalLM
 import tiny
 from stats_util import chi2_critical, chi2_statistic
 
+pytestmark = pytest.mark.heavy
+
 VOCAB = 16
 PROMPT = [1, 5, 9, 3]
 ADAPTIVE_LENGTH = 4  # tokens per sample where k is the policy's (up to 3 drafts in the first step)

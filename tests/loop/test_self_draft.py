@@ -13,7 +13,7 @@ from specdec.backends.compact_decoder import CompactDecoder, compact_target_for
 from specdec.sampling_params import SamplingParams
 from specdec.draft_models.self_draft import build_self_draft, resolve_scheme
 import tiny
-from test_greedy_exactness import PROMPTS, reference_greedy, run
+from exactness import PROMPTS, reference_greedy, run
 
 
 @pytest.fixture(scope="module")

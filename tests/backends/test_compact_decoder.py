@@ -10,7 +10,7 @@ from specdec.backends.compact_decoder import CompactDecoder, UnsupportedArchitec
 from specdec.backends.hf import HFCausalLM
 from specdec.draft_models.self_draft import build_self_draft
 import tiny
-from test_greedy_exactness import PROMPTS, reference_greedy, run
+from exactness import PROMPTS, reference_greedy, run
 
 
 def _pair(family: str) -> tuple[HFCausalLM, CompactDecoder]:

@@ -150,6 +150,7 @@ def test_ideal_speedup_is_the_seed_formula():
     assert ideal_speedup(0.5, curve, 1.0, None) == pytest.approx(max(1.5 * 10 / 12, 1.75 * 10 / 14, 1.875 * 10 / 16))
 
 
+@pytest.mark.heavy
 def test_soak_loses_nothing_leaks_nothing_and_texts_equal_requests_alone(tiny_model_dir, tmp_path):
     """A short `bench --soak`: 8 streams for 8 s on the tiny model, 30 % hanging up."""
     proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--soak", "8", "--streams", "8",

@@ -20,6 +20,8 @@ from specdec.server.app import ServerConfig
 from server_util import metric_samples, serving
 import tiny
 
+pytestmark = pytest.mark.heavy
+
 MODEL = "faulty"
 PROMPTS = ["the quick brown fox", "def add(a, b):", "speculative decoding drafts tokens", "the lazy dog",
            "return a + b", "the target verifies them"]

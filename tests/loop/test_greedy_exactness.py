@@ -11,29 +11,9 @@ import pytest
 import torch
 
 from specdec import Engine
+from exactness import PROMPTS, reference_greedy, run
 
-PROMPTS = [
-    [1, 5, 9, 33, 7, 5, 9],
-    [1, 100, 101, 102, 100, 101],
-    [1, 42],
-    [1] + list(range(200, 240)),
-    [1, 7, 7, 7, 7, 7, 7, 7, 7],
-    [1, 300, 12, 300, 12, 300, 12, 300],
-]
 KS = [1, 2, 4, 8, None]  # None: adaptive
-
-
-def reference_greedy(model, prompt, n):
-    ids = torch.tensor([prompt])
-    out = model.model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-                               attention_mask=torch.ones_like(ids))
-    return out[0, len(prompt):].tolist()
-
-
-def run(engine, prompt, n, k):
-    out = engine.generate(prompt, max_new_tokens=n, num_draft_tokens=k)
-    assert len(out.token_ids) == n and out.finish_reason == "length"
-    return out
 
 
 @pytest.mark.parametrize("k", KS)

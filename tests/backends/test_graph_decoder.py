@@ -21,7 +21,7 @@ from specdec.backends.step_graphs import GRAPH_MAX_TOKENS
 from specdec.backends.hf import HFCausalLM
 import tiny
 from test_compact_decoder import worst_gap_through_rewinds
-from test_greedy_exactness import PROMPTS
+from exactness import PROMPTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32 if DEVICE == "cuda" else torch.float64

@@ -170,6 +170,7 @@ def test_metrics_label_routes_not_raw_paths(server):
     assert "unmatched" in endpoints and not any("no/such" in e for e in endpoints), endpoints
 
 
+@pytest.mark.heavy
 def test_load_32_concurrent_streams_one_killed_midway(server, client):
     """32 streaming clients at once plus one that hangs up mid-stream: none lost, all correct."""
     expected = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=48, temperature=0).choices[0].text

@@ -90,6 +90,7 @@ def test_batched_greedy_verdicts_equal_each_sequence_verified_alone():
         assert verify_greedy_batch(logits, drafts) == expected
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("one_hot", [False, True])
 def test_vectorized_sampler_matches_reference_in_distribution(one_hot):
     """Joint law of (num_accepted, next_token) from the fast sampler vs the per-token reference."""

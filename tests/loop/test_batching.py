@@ -18,7 +18,7 @@ from specdec.backends.compact_decoder import CompactDecoder
 from specdec.backends.hf import HFCausalLM
 import tiny
 from stats_util import chi2_critical, chi2_statistic
-from test_greedy_exactness import PROMPTS, reference_greedy
+from exactness import PROMPTS, reference_greedy
 from test_sampling_lossless import (ADAPTIVE_LENGTH, PROMPT as LAW_PROMPT, VOCAB as LAW_VOCAB, _index as law_index,
                                     _longest_draft_run, exact_law)
 
@@ -116,6 +116,7 @@ def test_seeded_samples_in_a_batch_equal_the_same_seed_alone(models):
         assert out.token_ids == engine.start(prompt, params).run().token_ids
 
 
+@pytest.mark.heavy
 def test_batched_sampling_follows_the_target_law_with_the_planners_k():
     # The planner picks k from acceptance so far: chosen before each step's draws, it cannot
     # bias the output. Seeds make the test deterministic; the adaptive policy is put back
