@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,8 @@ from .grouped_attention import GroupedAttention
 from .layers import UnsupportedArchitecture, attention_mask, linear
 from .static_cache import Slot, SlotLeases, StaticCache
 from .step_graphs import (GRAPH_MAX_TOKENS, JOIN_PIECE, JOIN_PIECES_STEP, MAX_GRAPH_BATCH, MAX_JOIN_PIECES,
-                          MIN_PROMPT_WIDTH, PADDED, BatchStep, GraphCapture, graph_batch_size, prompts_that_join)
+                          MIN_PROMPT_WIDTH, PADDED, BatchStep, GraphCapture, graph_batch_size, join_layout,
+                          prompts_that_join)
 from .step_graphs import pieces as count_pieces
 
 log = logging.getLogger("specdec")
@@ -172,44 +172,14 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         for cache, n in zip(caches, sizes):
             self._check_room(cache, n)
         step = self._batch_step(graph_batch_size(len(caches)), width)
-        keep = self._run_step(step, token_ids, [b * width for b in range(len(caches))],
-                              [c.slot.index for c in caches], [c.length for c in caches], num_logits)
+        keep = self._capture_graphs.run_step(step, token_ids, [b * width for b in range(len(caches))],
+                                             [c.slot.index for c in caches], [c.length for c in caches], num_logits,
+                                             self._leases.pool.spare)
         for cache, n in zip(caches, sizes):
             cache.length += n
         trace.mark("batched_step", self)
         # index_select copies: the next batched step overwrites the buffer they share.
         return list(step.output.index_select(0, keep).split(num_logits))
-
-    def _run_step(self, step: BatchStep, token_ids: list[torch.Tensor], first_rows: list[int], slots: list[int],
-                  starts: list[int], num_logits: list[int]) -> torch.Tensor:
-        """Set a step's inputs and run it: feed b's tokens go to rows first_rows[b].., each of
-        the step's sequences (padding ones: the spare slot, from position 0) reads `slots` and
-        `starts`. Returns the rows whose logits are kept (each feed's last num_logits[b]), on
-        the device. One host tensor, one copy (each copy is a launch the GPU may wait on):
-        where each token goes, the slots, the starts, the kept rows, then the tokens that are
-        on the host; tokens already on the device follow those."""
-        padding, size = step.size - len(slots), step.size
-        on_host = [b for b, t in enumerate(token_ids) if t.device.type == "cpu"]
-        order = on_host + [b for b, t in enumerate(token_ids) if t.device.type != "cpu"]
-        where = [first_rows[b] + i for b in order for i in range(token_ids[b].shape[0])]
-        keep = [first_rows[b] + t.shape[0] - m + j for b, (t, m) in enumerate(zip(token_ids, num_logits))
-                for j in range(m)]
-        header = [*where, *slots, *[self._leases.pool.spare] * padding, *starts, *[0] * padding, *keep]
-        meta = self._on_device(torch.cat([torch.tensor(header, dtype=torch.long),
-                                          *(token_ids[b].long() for b in on_host)]))
-        fed = len(where)
-        tokens = meta[len(header) :]
-        if len(on_host) < len(token_ids):
-            tokens = torch.cat([tokens, *(token_ids[b].long() for b in order[len(on_host) :])])
-        step.tokens.index_copy_(0, meta[:fed], tokens)
-        step.slots.copy_(meta[fed : fed + size])
-        step.starts.copy_(meta[fed + size : fed + 2 * size])
-        step.run()
-        return meta[fed + 2 * size : len(header)]
-
-    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Host tensors are queued for the device, not waited for (see base.pinned)."""
-        return pinned(tensor).to(self.device, non_blocking=True) if self._graphs else tensor.to(self.device)
 
     def _batchable(self, cache: StaticCache, width: int) -> bool:
         """A feed that can join a batched graph: a pooled sequence's, narrow enough, with room
@@ -333,8 +303,8 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         (padded: padding rows write keys past the sequence's length, never read)."""
         step = self._prompt_step(width)
         n = token_ids.shape[0]
-        step.tokens[:n].copy_(self._on_device(token_ids))
-        meta = self._on_device(torch.tensor([cache.slot.index, cache.length], dtype=torch.long))
+        step.tokens[:n].copy_(self._capture_graphs.to_device(token_ids))
+        meta = self._capture_graphs.to_device(torch.tensor([cache.slot.index, cache.length], dtype=torch.long))
         step.slots.copy_(meta[:1])
         step.starts.copy_(meta[1:])
         step.run()
@@ -410,17 +380,12 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         sizes = [token_ids[i].shape[0] for i in feeds]
         for i, n in zip(feeds, sizes):
             self._check_room(caches[i], count_pieces(n) * JOIN_PIECE)
-        counts = [count_pieces(n) for n in sizes]
-        firsts = list(accumulate([0] + counts))  # each feed's first piece
-        step = self._join_step(-(-firsts[-1] // JOIN_PIECES_STEP) * JOIN_PIECES_STEP)
-        # Token t of a feed is row first_piece * JOIN_PIECE + t; each piece reads its feed's slot.
-        slots = [caches[i].slot.index for i, count in zip(feeds, counts) for _ in range(count)]
-        starts = [caches[i].length + JOIN_PIECE * p for i, count in zip(feeds, counts) for p in range(count)]
-        keep = self._run_step(step, [token_ids[i] for i in feeds], [f * JOIN_PIECE for f in firsts[:-1]], slots,
-                              starts, [num_logits[i] for i in feeds])
+        pieces, first_rows, slots, starts = join_layout(sizes, [caches[i] for i in feeds])
+        keep = self._capture_graphs.run_step(self._join_step(pieces), [token_ids[i] for i in feeds], first_rows, slots,
+                                             starts, [num_logits[i] for i in feeds], self._leases.pool.spare)
         for i, n in zip(feeds, sizes):
             caches[i].length += n
-        logits = self._logits(step.output.index_select(0, keep))
+        logits = self._logits(self._join_step(pieces).output.index_select(0, keep))
         return list(logits.split([num_logits[i] for i in feeds]))
 
     def _join_step(self, pieces: int) -> BatchStep:

@@ -10,11 +10,12 @@ change), and its logits are dropped. Padding sequences write into the pool's spa
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Callable
 
 import torch
 
-from .base import BatchLayout
+from .base import BatchLayout, pinned
 from .static_cache import StaticCache
 
 GRAPH_MAX_TOKENS = 16  # steps feeding more tokens than this (prompts) run eagerly
@@ -66,6 +67,37 @@ class GraphCapture:
             step()
         return graph
 
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host tensors are queued for the device, not waited for (see base.pinned)."""
+        return pinned(tensor).to(self.device, non_blocking=True) if self.enabled else tensor.to(self.device)
+
+    def run_step(self, step: BatchStep, token_ids: list[torch.Tensor], first_rows: list[int], slots: list[int],
+                 starts: list[int], num_logits: list[int], spare_slot: int) -> torch.Tensor:
+        """Set a step's inputs and run it: feed b's tokens go to rows first_rows[b].., each of
+        the step's sequences (padding ones: the spare slot, from position 0) reads `slots` and
+        `starts`. Returns the rows whose logits are kept (each feed's last num_logits[b]), on
+        the device. One host tensor, one copy (each copy is a launch the GPU may wait on):
+        where each token goes, the slots, the starts, the kept rows, then the tokens that are
+        on the host; tokens already on the device follow those."""
+        padding, size = step.size - len(slots), step.size
+        on_host = [b for b, t in enumerate(token_ids) if t.device.type == "cpu"]
+        order = on_host + [b for b, t in enumerate(token_ids) if t.device.type != "cpu"]
+        where = [first_rows[b] + i for b in order for i in range(token_ids[b].shape[0])]
+        keep = [first_rows[b] + t.shape[0] - m + j for b, (t, m) in enumerate(zip(token_ids, num_logits))
+                for j in range(m)]
+        header = [*where, *slots, *[spare_slot] * padding, *starts, *[0] * padding, *keep]
+        meta = self.to_device(torch.cat([torch.tensor(header, dtype=torch.long),
+                                         *(token_ids[b].long() for b in on_host)]))
+        fed = len(where)
+        tokens = meta[len(header) :]
+        if len(on_host) < len(token_ids):
+            tokens = torch.cat([tokens, *(token_ids[b].long() for b in order[len(on_host) :])])
+        step.tokens.index_copy_(0, meta[:fed], tokens)
+        step.slots.copy_(meta[fed : fed + size])
+        step.starts.copy_(meta[fed + size : fed + 2 * size])
+        step.run()
+        return meta[fed + 2 * size : len(header)]
+
     def step_shape(self, size: int, width: int, spare_slot: int,
                    output: Callable[[BatchStep], torch.Tensor]) -> BatchStep:
         """A step shape over the pool: its inputs, and `run`, which sets step.output to
@@ -105,6 +137,17 @@ def prompts_that_join(token_ids: list[torch.Tensor], caches: list[StaticCache], 
             joining.append(i)
             total += more
     return joining
+
+
+def join_layout(sizes: list[int], caches: list[StaticCache]) -> tuple[int, list[int], list[int], list[int]]:
+    """Where a join pass puts feeds of `sizes` tokens: the graph's count of pieces (whole steps
+    of JOIN_PIECES_STEP), each feed's first row, and each piece's slot and start position.
+    Token t of a feed is row first_piece * JOIN_PIECE + t; each piece reads its feed's slot."""
+    counts = [pieces(n) for n in sizes]
+    firsts = list(accumulate([0] + counts))  # each feed's first piece
+    slots = [cache.slot.index for cache, count in zip(caches, counts) for _ in range(count)]
+    starts = [cache.length + JOIN_PIECE * p for cache, count in zip(caches, counts) for p in range(count)]
+    return -(-firsts[-1] // JOIN_PIECES_STEP) * JOIN_PIECES_STEP, [f * JOIN_PIECE for f in firsts[:-1]], slots, starts
 
 
 def graph_batch_rows(sequences: int) -> int:
