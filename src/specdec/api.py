@@ -6,15 +6,14 @@ import os
 
 import torch
 
-from .engine import Engine
-from .errors import SpecDecError
-from .draft_models.distilled_draft import is_distilled_draft, load_distilled_draft
 from .backends.compact_decoder import compact_target_for
 from .backends.graph_decoder import graph_decoder_for
 from .backends.hf import HFCausalLM
-from .loading.loader import load_model, resolve_device, resolve_dtype
+from .draft_models.distilled_draft import is_distilled_draft, load_distilled_draft
 from .draft_models.self_draft import DEFAULT_DRAFT_VOCAB, SCHEMES, self_draft_for
-
+from .engine import Engine
+from .errors import SpecDecError
+from .loading.loader import load_model, resolve_device, resolve_dtype
 
 
 def load(

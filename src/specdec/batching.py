@@ -27,12 +27,12 @@ from typing import Generator
 
 import torch
 
+from . import trace
 from .acceptance import Verdict, verify_greedy_batch
+from .backends.base import CausalLM
 from .draft_length import BatchDraftPlanner
 from .drafters.base import DraftFeed
-from . import trace
 from .generation import DraftedStep, Generation, StepOutput
-from .backends.base import CausalLM
 
 log = logging.getLogger("specdec")
 

@@ -41,10 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="colour tokens accepted from the draft (green) apart from those the target produced")
     gen.set_defaults(run=_generate)
 
-    from .server.cli import add_serve_parser
     from .bench.cli import add_bench_parser
-
     from .distill.cli import add_distill_parser
+    from .server.cli import add_serve_parser
 
     add_serve_parser(sub)
     add_bench_parser(sub)

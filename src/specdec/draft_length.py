@@ -25,6 +25,7 @@ from collections import deque
 
 from .backends.base import PACKED, BatchLayout
 from .sampling_params import MAX_DRAFT_TOKENS
+
 INITIAL_DRAFT_TOKENS = 4  # until the first costs are measured
 PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.7, 4.0  # pseudo-observations behind the acceptance estimate
 DECAY = 0.9  # per step: recent drafts count more (text changes character as it goes)

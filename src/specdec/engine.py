@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+from .backends.base import CausalLM
 from .batching import BatchStepper
 from .draft_length import CostMemory
 from .drafters.base import DrafterFactory
@@ -11,9 +12,7 @@ from .drafters.model import ModelDrafter
 from .drafters.ngram import NGramDrafter
 from .errors import InvalidRequestError, SpecDecError, VocabularyMismatchError
 from .generation import Generation, GenerationOutput
-from .backends.base import CausalLM
 from .sampling_params import SamplingParams
-
 
 # model: a separate draft model; self: a cheaper copy of the target (draft_models/self_draft.py);
 # ngram: prompt lookup; ngram+model / ngram+self: lookup when it matches, the model otherwise.

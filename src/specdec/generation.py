@@ -18,16 +18,22 @@ from typing import Any, Generator
 
 import torch
 
+from . import trace
 from .acceptance import Verdict, verify_greedy, verify_sampled
 from .backends.base import CausalLM, ChainsGreedySteps, pinned
 from .draft_length import CostMemory, DraftLengthPolicy
-from .drafters.base import DraftFeed, DraftProposal, Drafter, ProposalSteps, empty_proposal, run_alone
+from .drafters.base import (
+    Drafter,
+    DraftFeed,
+    DraftProposal,
+    ProposalSteps,
+    empty_proposal,
+    run_alone,
+)
 from .logits import to_probs
 from .sampling_params import SamplingParams
 from .stats import DRAFT, TARGET, GenerationStats
 from .text_stream import TextStream
-from . import trace
-
 
 # Longest prompt that a batch's joining request reads inside the shared verify pass. With its
 # drafts it stays within what one packed pass takes (compact_decoder.PREFILL_CHUNK, 1024); a

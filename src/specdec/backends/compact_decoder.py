@@ -27,8 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CausalLM, CoversContext, SharesContext
-from .layers import (Int8Weight, Layer, UnsupportedArchitecture, Weight, activation, attention_mask, cos_sin, linear,
-                     rotary_tables, rotate, unsupported_reason)
+from .layers import (
+    Int8Weight,
+    Layer,
+    UnsupportedArchitecture,
+    Weight,
+    activation,
+    attention_mask,
+    cos_sin,
+    linear,
+    rotary_tables,
+    rotate,
+    unsupported_reason,
+)
 from .native_step import one_row_step_for
 
 INITIAL_CAPACITY = 512  # cached positions; doubled on demand

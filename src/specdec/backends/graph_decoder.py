@@ -30,9 +30,20 @@ from .greedy_chain import GreedyChain
 from .grouped_attention import GroupedAttention
 from .layers import UnsupportedArchitecture, attention_mask, linear
 from .static_cache import Slot, SlotLeases, StaticCache
-from .step_graphs import (GRAPH_MAX_TOKENS, JOIN_PIECE, JOIN_PIECES_STEP, MAX_GRAPH_BATCH, MAX_JOIN_PIECES,
-                          MIN_PROMPT_WIDTH, PADDED, BatchStep, GraphCapture, graph_batch_size, join_layout,
-                          prompts_that_join)
+from .step_graphs import (
+    GRAPH_MAX_TOKENS,
+    JOIN_PIECE,
+    JOIN_PIECES_STEP,
+    MAX_GRAPH_BATCH,
+    MAX_JOIN_PIECES,
+    MIN_PROMPT_WIDTH,
+    PADDED,
+    BatchStep,
+    GraphCapture,
+    graph_batch_size,
+    join_layout,
+    prompts_that_join,
+)
 from .step_graphs import pieces as count_pieces
 
 log = logging.getLogger("specdec")

@@ -13,8 +13,16 @@ import torch
 from ..kernels import native_matmul
 from ..loading.cache_dir import cache_root
 from .llama_cpp_backend import LlamaCppCausalLM
-from .llama_cpp_head import (CHECK_TOLERANCE, HEAD_TYPES, SplitHead, derive, from_record, read_record, source_key,
-                             write_record)
+from .llama_cpp_head import (
+    CHECK_TOLERANCE,
+    HEAD_TYPES,
+    SplitHead,
+    derive,
+    from_record,
+    read_record,
+    source_key,
+    write_record,
+)
 
 log = logging.getLogger("specdec")
 

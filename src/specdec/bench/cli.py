@@ -59,8 +59,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     from ..api import load, resolve_backend
     from ..backends.graph_decoder import graph_decoder_for
-    from ..loading.loader import resolve_device
     from ..draft_models.self_draft import self_draft_for
+    from ..loading.loader import resolve_device
     from .report import terminal_table, write_report
     from .runner import BASELINE, run_benchmark, summarize
     from .runs import HFGenerateRun, LlamaCppPythonRun, SpecdecRun

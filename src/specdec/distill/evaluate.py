@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import Engine
 from ..backends.base import CausalLM
+from ..engine import Engine
 
 
 @dataclass

@@ -20,9 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..draft_models.distilled_draft import (
+    TargetIdentity,
+    body_of,
+    build_draft_module,
+    check_shared_layers,
+    initial_layers,
+    save_draft,
+    trainable_parameters,
+    trained_state,
+)
 from ..errors import SpecDecError
-from ..draft_models.distilled_draft import (TargetIdentity, body_of, build_draft_module, check_shared_layers,
-                                      initial_layers, save_draft, trainable_parameters, trained_state)
 
 log = logging.getLogger("specdec")
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, SpecDecError, VocabularyMismatchError
 from ..backends.compact_decoder import CompactDecoder, UnsupportedArchitecture
 from ..backends.hf import HFCausalLM
+from ..errors import ModelLoadError, SpecDecError, VocabularyMismatchError
 
 log = logging.getLogger("specdec")
 

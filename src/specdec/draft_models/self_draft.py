@@ -23,10 +23,14 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import SpecDecError
-from ..backends.compact_decoder import CompactDecoder, UnsupportedArchitecture, unsupported_reason
-from ..kernels.cpu_matmul import FewRowLinear
+from ..backends.compact_decoder import (
+    CompactDecoder,
+    UnsupportedArchitecture,
+    unsupported_reason,
+)
 from ..backends.hf import HFCausalLM
+from ..errors import SpecDecError
+from ..kernels.cpu_matmul import FewRowLinear
 
 log = logging.getLogger("specdec")
 

@@ -1,5 +1,5 @@
 """Drafters propose tokens for the target to verify. One drafter per file."""
-from .base import DraftProposal, Drafter, DrafterFactory
+from .base import Drafter, DrafterFactory, DraftProposal
 from .model import ModelDrafter
 from .ngram import NGramDrafter
 

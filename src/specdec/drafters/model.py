@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.base import CausalLM, CoversContext, SharesContext
 from ..logits import sample, to_probs
-from ..backends.base import CausalLM
 from ..sampling_params import SamplingParams
-from ..backends.base import CoversContext, SharesContext
 from .base import DraftFeed, DraftProposal, ProposalSteps, SteppedDrafter
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling_params import SamplingParams
-from .base import DraftProposal, Drafter, empty_proposal
+from .base import Drafter, DraftProposal, empty_proposal
 
 
 class NGramDrafter(Drafter):

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from ..backends.hf import HFCausalLM
 from ..errors import ModelLoadError
 from .cache_dir import cache_root, content_digest
-from ..backends.hf import HFCausalLM
 from .registry import REGISTRY
 
 log = logging.getLogger("specdec")
