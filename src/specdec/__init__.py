@@ -1,12 +1,7 @@
 """specdec: lossless speculative decoding. A draft proposes, the target verifies every token."""
 from .api import load
 from .engine import Engine
-from .errors import (
-    InvalidRequestError,
-    ModelLoadError,
-    SpecDecError,
-    VocabularyMismatchError,
-)
+from .errors import InvalidRequestError, ModelLoadError, SpecDecError, VocabularyMismatchError
 from .generation import Generation, GenerationOutput, StepOutput
 from .sampling_params import SamplingParams
 from .stats import GenerationStats

@@ -22,14 +22,7 @@ from . import trace
 from .acceptance import Verdict, verify_greedy, verify_sampled
 from .backends.base import CausalLM, ChainsGreedySteps, pinned
 from .draft_length import CostMemory, DraftLengthPolicy
-from .drafters.base import (
-    Drafter,
-    DraftFeed,
-    DraftProposal,
-    ProposalSteps,
-    empty_proposal,
-    run_alone,
-)
+from .drafters.base import Drafter, DraftFeed, DraftProposal, ProposalSteps, empty_proposal, run_alone
 from .logits import to_probs
 from .sampling_params import SamplingParams
 from .stats import DRAFT, TARGET, GenerationStats

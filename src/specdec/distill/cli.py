@@ -70,11 +70,7 @@ def _distill(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import ensure_log_handler
-    from ..draft_models.distilled_draft import (
-        TargetIdentity,
-        check_shared_layers,
-        load_distilled_draft,
-    )
+    from ..draft_models.distilled_draft import TargetIdentity, check_shared_layers, load_distilled_draft
     from ..errors import SpecDecError
     from ..loading.loader import load_model, resolve_device, resolve_dtype
     from .corpus import build_corpus, read_documents

@@ -23,11 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..backends.compact_decoder import (
-    CompactDecoder,
-    UnsupportedArchitecture,
-    unsupported_reason,
-)
+from ..backends.compact_decoder import CompactDecoder, UnsupportedArchitecture, unsupported_reason
 from ..backends.hf import HFCausalLM
 from ..errors import SpecDecError
 from ..kernels.cpu_matmul import FewRowLinear

@@ -22,13 +22,7 @@ from ..generation import Generation, GenerationOutput, StepOutput
 from ..sampling_params import SamplingParams
 from . import protocol
 from .metrics import ServerMetrics
-from .scheduler import (
-    QueueFullError,
-    RequestFailed,
-    RequestHandle,
-    Scheduler,
-    request_timed_out,
-)
+from .scheduler import QueueFullError, RequestFailed, RequestHandle, Scheduler, request_timed_out
 
 log = logging.getLogger("specdec.server")
 
