@@ -97,8 +97,10 @@ class Engine:
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, num_draft_tokens: int | None = None,
-                 stop: str | Sequence[str] | None = None) -> GenerationOutput:
-        params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop)
+                 stop: str | Sequence[str] | None = None, logprobs: int | None = None) -> GenerationOutput:
+        """logprobs: report each output token's log probability and its `logprobs` most likely
+        alternatives (GenerationOutput.logprobs)."""
+        params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop, logprobs)
         return self.start(prompt, params).run()
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
@@ -153,6 +155,10 @@ class Engine:
             ids = ids["input_ids"]
         return list(ids)
 
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (the token field of reported log probabilities)."""
+        return self.tokenizer.decode([token_id]) if self.tokenizer else str(token_id)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True) if self.tokenizer else ""
 
@@ -171,10 +177,11 @@ class Engine:
             )
 
 
-def _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop) -> SamplingParams:
+def _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop,
+            logprobs=None) -> SamplingParams:
     stop_tuple = (stop,) if isinstance(stop, str) else tuple(stop or ())
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          seed=seed, num_draft_tokens=num_draft_tokens, stop=stop_tuple)
+                          seed=seed, num_draft_tokens=num_draft_tokens, stop=stop_tuple, logprobs=logprobs)
 
 
 def _drafter_factory(name: str, target: CausalLM, draft_model: CausalLM | None) -> DrafterFactory | None:

@@ -27,6 +27,7 @@ from .logits import to_probs
 from .sampling_params import SamplingParams
 from .stats import DRAFT, TARGET, GenerationStats
 from .text_stream import TextStream
+from .token_logprobs import TokenLogprob, token_logprobs
 
 # Longest prompt that a batch's joining request reads inside the shared verify pass. With its
 # drafts it stays within what one packed pass takes (compact_decoder.PREFILL_CHUNK, 1024); a
@@ -40,6 +41,7 @@ class StepOutput:
     text: str  # text delta safe to show (may be empty while a stop string could still form)
     finished: bool
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    logprobs: list[TokenLogprob] | None = None  # per token of token_ids, when the request asks
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class GenerationOutput:
     stats: GenerationStats
     finish_reason: str | None = None
     provenance: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when the request asks
 
 
 class Generation:
@@ -98,6 +101,7 @@ class Generation:
         self.text_stream = TextStream(tokenizer, params.stop)
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.finished = False
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self._started: float | None = None
         self._prompt_unread = False  # the prompt is read by this step's verify pass (a batch's joiner)
         self._prompt_may_join_verify = False  # decided by open()
@@ -105,7 +109,9 @@ class Generation:
         self._synchronize = torch.cuda.synchronize if adaptive and target.device.type == "cuda" else None
         # Plain greedy decoding on a model that chains its steps on the device (GPU graphs).
         plain = drafter is None or params.num_draft_tokens == 0
-        self._chained = plain and params.greedy and isinstance(target, ChainsGreedySteps)
+        # (A chained step's logits stay on the device: log probabilities take the ordinary step.)
+        self._chained = (plain and params.greedy and params.logprobs is None
+                         and isinstance(target, ChainsGreedySteps))
         self._chain = None
 
     # ---- lifetime -------------------------------------------------------------------------
@@ -200,7 +206,7 @@ class Generation:
         verify_s = None if verify_started is None else time.perf_counter() - verify_started
         self._commit(draft.proposal, verdict, draft_s=draft.draft_s, verify_s=verify_s)
         trace.mark("committed")
-        out = self._emit(draft.proposal, verdict)
+        out = self._emit(draft.proposal, verdict, target_logits)
         trace.mark("emitted")
         if out.finished:
             self.close()
@@ -285,7 +291,8 @@ class Generation:
         self._drafted_before = self._drafted_before or bool(num_drafted)
         self.stats.record_step(num_drafted, verdict.num_accepted, proposal.forward_passes, proposal.positions)
 
-    def _emit(self, proposal: DraftProposal, verdict: Verdict) -> StepOutput:
+    def _emit(self, proposal: DraftProposal, verdict: Verdict, target_logits: torch.Tensor | None = None) -> StepOutput:
+        """target_logits: the verify pass's rows [k+1, vocab], read for log probabilities."""
         new_ids = proposal.tokens[: verdict.num_accepted].tolist() + [verdict.next_token]
         provenance = [DRAFT] * verdict.num_accepted + [TARGET]
         finish_reason = None
@@ -295,6 +302,10 @@ class Generation:
         text, stop_at = self.text_stream.push(new_ids)
         if stop_at is not None:
             new_ids, provenance, finish_reason = new_ids[: stop_at + 1], provenance[: stop_at + 1], "stop"
+        logprobs = None
+        if self.logprobs is not None:  # before the next pass: llama.cpp's logits are a view of its buffer
+            logprobs = token_logprobs(target_logits, new_ids, self.params.logprobs)
+            self.logprobs.extend(logprobs)
         self.tokens[self.length : self.length + len(new_ids)] = torch.tensor(new_ids, dtype=torch.long)
         self.length += len(new_ids)
         self.stats.generated_tokens += len(new_ids)
@@ -309,7 +320,7 @@ class Generation:
             self.finished = True
             self.stats.finish_reason = finish_reason
             text += self.text_stream.finish()
-        return StepOutput(new_ids, text, self.finished, finish_reason)
+        return StepOutput(new_ids, text, self.finished, finish_reason, logprobs)
 
     # ---- results ----------------------------------------------------------------------------
     def output(self) -> GenerationOutput:
@@ -319,6 +330,7 @@ class Generation:
             stats=self.stats,
             finish_reason=self.stats.finish_reason,
             provenance=list(self.stats.provenance),
+            logprobs=None if self.logprobs is None else list(self.logprobs),
         )
 
     def run(self) -> GenerationOutput:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
+from .token_logprobs import MAX_TOP_LOGPROBS
 
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 # The most tokens one step drafts, asked for (num_draft_tokens) or chosen (draft_length.py);
@@ -25,6 +26,8 @@ class SamplingParams:
     # None: adaptive draft length; 0: plain decoding (no drafting); k > 0: fixed k.
     num_draft_tokens: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # None: no log probabilities; n >= 0: each output token's, with its n most likely alternatives.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
@@ -37,6 +40,8 @@ class SamplingParams:
             _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.num_draft_tokens is not None:
             _check_int("num_draft_tokens", self.num_draft_tokens, 0, MAX_DRAFT_TOKENS)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)

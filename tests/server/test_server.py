@@ -94,17 +94,21 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": -1.0}, 400, "frequency_penalty"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 0}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "end"}, 400, "suffix"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "surprise": 1}, 400, "surprise"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": 2},
      400, "logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
      400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
@@ -144,6 +148,32 @@ def test_openai_fields_at_their_inert_defaults_are_accepted(client):
                                           max_tokens=4, temperature=0, logprobs=False,
                                           response_format={"type": "text"}, tool_choice="none")
     assert chat.choices[0].message.content is not None
+
+
+def test_logprobs_with_speculation_over_the_openai_client(client):
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and chat.model_extra["speculative"]["drafted_tokens"] >= 0
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob == entry.top_logprobs[0].logprob  # greedy: the chosen token is the likeliest
+    assert "".join(e.token for e in content).strip() == chat.choices[0].message.content.strip()
+    streamed = [e for c in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                          logprobs=True, top_logprobs=2, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                           logprobs=True, top_logprobs=2, extra_body={"num_draft_tokens": 0})
+    assert [e.logprob for e in plain.choices[0].logprobs.content] == pytest.approx([e.logprob for e in content],
+                                                                                    abs=1e-4)
+    completion = client.completions.create(model=MODEL, prompt="the quick", max_tokens=8, temperature=0, logprobs=1)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == completion.usage.completion_tokens
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == completion.choices[0].text
+    assert client.completions.create(model=MODEL, prompt="the", max_tokens=3).choices[0].logprobs is None
 
 
 def test_a_tiny_temperature_is_greedy_not_a_500(client):

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine
 from ..errors import InvalidRequestError, SpecDecError
 from ..generation import Generation, GenerationOutput, StepOutput
+from ..token_logprobs import TokenLogprob
 from ..sampling_params import SamplingParams
 from . import protocol
 from .metrics import ServerMetrics
@@ -110,17 +111,24 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         handle = _submit(start, scheduler, _sampling_params(body, default_max_tokens), rid,
                          config.request_timeout_s)
         model, drafter = config.model_name, engine.drafter_name
+        shape = protocol.completion_logprobs if kind == "completion" else protocol.chat_logprobs
+
+        def logprobs(values: list[TokenLogprob] | None) -> dict[str, Any] | None:
+            return None if values is None else shape(values, engine.token_text)
+
         if not body.stream:
             out = await _collect(handle, request, scheduler)
             metrics.count(endpoint_label(request), 200)
             build = protocol.completion_response if kind == "completion" else protocol.chat_response
-            return build(rid, model, out, drafter)
+            return build(rid, model, out, drafter, logprobs(out.logprobs))
 
-        def chunk(text: str, finish: str | None, out: GenerationOutput | None) -> dict[str, Any]:
-            stats = out.stats if out else None
+        def chunk(step: StepOutput, out: GenerationOutput | None) -> dict[str, Any]:
+            stats, finish = (out.stats if out else None), (step.finish_reason if out else None)
             if kind == "completion":
-                return protocol.completion_chunk(rid, model, text, finish, stats, drafter)
-            return protocol.chat_chunk(rid, model, {"content": text} if text else {}, finish, stats, drafter)
+                return protocol.completion_chunk(rid, model, step.text, finish, stats, drafter,
+                                                 logprobs(step.logprobs))
+            return protocol.chat_chunk(rid, model, {"content": step.text} if step.text else {}, finish, stats,
+                                       drafter, logprobs(step.logprobs))
 
         def usage(out: GenerationOutput) -> dict[str, Any]:
             return protocol.usage_chunk(rid, model, kind, out.stats, drafter)
@@ -208,7 +216,8 @@ def _sampling_params(body: protocol._Sampling, default_max_tokens: int) -> Sampl
             max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0, seed=body.seed, num_draft_tokens=body.num_draft_tokens, stop=stop)
+            top_k=body.top_k or 0, seed=body.seed, num_draft_tokens=body.num_draft_tokens, stop=stop,
+            logprobs=body.requested_logprobs())
     except InvalidRequestError as exc:
         raise _with_openai_field(exc) from None
 
@@ -285,7 +294,7 @@ async def _collect(handle: RequestHandle, request: Request, scheduler: Scheduler
 
 
 def _sse(handle: RequestHandle, request: Request, scheduler: Scheduler,
-         chunk: Callable[[str, str | None, GenerationOutput | None], dict[str, Any]],
+         chunk: Callable[[StepOutput, GenerationOutput | None], dict[str, Any]],
          first: dict[str, Any] | None, usage: Callable[[GenerationOutput], dict[str, Any]] | None,
          counted: Callable[[int], None]) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
@@ -295,11 +304,11 @@ def _sse(handle: RequestHandle, request: Request, scheduler: Scheduler,
                 yield _data(first)
             async for step in _events(handle, request, scheduler):
                 if step.finished:
-                    yield _data(chunk(step.text, step.finish_reason, handle.output))
+                    yield _data(chunk(step, handle.output))
                     if usage is not None:
                         yield _data(usage(handle.output))
-                elif step.text:
-                    yield _data(chunk(step.text, None, None))
+                elif step.text or step.logprobs:
+                    yield _data(chunk(step, None))
             status = 200
             yield "data: [DONE]\n\n"
         except APIError as exc:

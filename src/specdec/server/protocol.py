@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import InvalidRequestError
 from ..generation import GenerationOutput
+from ..token_logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from ..stats import GenerationStats
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the completions endpoint
 
 
 class StreamOptions(BaseModel):
@@ -55,19 +58,23 @@ class _Sampling(BaseModel):
         """The first field set to something this server does not do, or None."""
         inert: dict[str, tuple] = {
             "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-            "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+            "tools": (None, []),
             "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
             "response_format": (None, {"type": "text"}), **self._inert_extra(),
         }
         for name, allowed in inert.items():
             value = getattr(self, name)
-            # By type too: logprobs=0 asks for the chosen tokens' log probabilities, False does not.
+            # By type too: a penalty of 0 (int) or 0.0 is inert, but True is not 1.
             if not any(value == a and type(value) is type(a) for a in allowed):
                 return name
         return None
 
     def _inert_extra(self) -> dict[str, tuple]:
         return {}
+
+    def requested_logprobs(self) -> int | None:
+        """How many alternatives each token's log probability comes with; None: none asked."""
+        raise NotImplementedError
 
 
 class CompletionRequest(_Sampling):
@@ -78,6 +85,15 @@ class CompletionRequest(_Sampling):
 
     def _inert_extra(self) -> dict[str, tuple]:
         return {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
+
+    def requested_logprobs(self) -> int | None:
+        if self.top_logprobs is not None:
+            raise InvalidRequestError("top_logprobs is a chat field; completions take logprobs=N", "top_logprobs")
+        if self.logprobs is None:
+            return None
+        if isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}", "logprobs")
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -101,6 +117,18 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
 
+    def requested_logprobs(self) -> int | None:
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            raise InvalidRequestError("logprobs must be true or false (top_logprobs=N asks for alternatives)",
+                                      "logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -117,23 +145,27 @@ def speculative(stats: GenerationStats, drafter: str) -> dict[str, Any]:
             "target_forward_passes": stats.target_forward_passes}
 
 
-def completion_response(rid: str, model: str, out: GenerationOutput, drafter: str) -> dict[str, Any]:
+def completion_response(rid: str, model: str, out: GenerationOutput, drafter: str,
+                        logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
+            "choices": [{"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}],
             "usage": usage(out.stats), "speculative": speculative(out.stats, drafter)}
 
 
-def chat_response(rid: str, model: str, out: GenerationOutput, drafter: str) -> dict[str, Any]:
+def chat_response(rid: str, model: str, out: GenerationOutput, drafter: str,
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                         "logprobs": None, "finish_reason": out.finish_reason}],
+                         "logprobs": logprobs, "finish_reason": out.finish_reason}],
             "usage": usage(out.stats), "speculative": speculative(out.stats, drafter)}
 
 
 def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None,
-                     stats: GenerationStats | None = None, drafter: str = "") -> dict[str, Any]:
+                     stats: GenerationStats | None = None, drafter: str = "",
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+                             "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                                          "finish_reason": finish_reason}]}
     if stats is not None:
         chunk["usage"] = usage(stats)
         chunk["speculative"] = speculative(stats, drafter)
@@ -141,10 +173,11 @@ def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None,
 
 
 def chat_chunk(rid: str, model: str, delta: dict[str, str], finish_reason: str | None,
-               stats: GenerationStats | None = None, drafter: str = "") -> dict[str, Any]:
+               stats: GenerationStats | None = None, drafter: str = "",
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                              "model": model,
-                             "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                                           "finish_reason": finish_reason}]}
     if stats is not None:
         chunk["usage"] = usage(stats)
@@ -157,6 +190,24 @@ def usage_chunk(rid: str, model: str, kind: str, stats: GenerationStats, drafter
     return {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion.chunk",
             "created": int(time.time()), "model": model, "choices": [], "usage": usage(stats),
             "speculative": speculative(stats, drafter)}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+    """The completions endpoint's shape: parallel lists, offsets counted from the completion's start."""
+    texts = [token_text(lp.token_id) for lp in logprobs]
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    tops = [{token_text(t): value for t, value in lp.top} for lp in logprobs]
+    return {"tokens": texts, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": tops if any(tops) else None, "text_offset": offsets}
+
+
+def chat_logprobs(logprobs: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+    """The chat endpoint's shape: one entry per token, its bytes, its alternatives."""
+    def entry(token: int, value: float) -> dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in logprobs]}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
