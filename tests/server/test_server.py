@@ -164,7 +164,9 @@ def test_logprobs_with_speculation_over_the_openai_client(client):
     streamed = [e for c in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
                                                           logprobs=True, top_logprobs=2, stream=True)
                 if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # The adaptive k reads timings, so the two runs may verify in other shapes: float32 rounding.
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
                                            logprobs=True, top_logprobs=2, extra_body={"num_draft_tokens": 0})
     assert [e.logprob for e in plain.choices[0].logprobs.content] == pytest.approx([e.logprob for e in content],
