@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip transformers' compiled static-cache peer")
     parser.add_argument("--plain-only", action="store_true", help="stop after plain decoding and the step costs")
     parser.add_argument("--no-exactness", action="store_true", help="skip the tiny-model exactness checks")
+    parser.add_argument("--feature-only", action="store_true",
+                        help="after plain decoding, only the feature head's table (the 8B's shape: one layer, 32k head)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     import transformers
@@ -175,12 +177,14 @@ def main() -> None:
     vocab, prompt_len, new_tokens = 128256, 512, (64 if args.quick else 256)
     layers = 4 if args.quick else None
     target_hf = llama("8b", vocab, 0, layers=layers, decisive=True)
-    draft_hf = llama("1b", vocab, 1, layers=layers, decisive=True)
     capacity = 1024  # prompt + new tokens + the largest verify, rounded up
     target = graph_decoder_for(HFCausalLM(target_hf, "8b", eos_token_ids=set()), capacity)
-    draft = graph_decoder_for(HFCausalLM(draft_hf, "1b", eos_token_ids=set()), capacity)
-    assert isinstance(target, GraphDecoder) and isinstance(draft, GraphDecoder)
-    report["kernels"] = {"target": target.kernels, "draft": draft.kernels}
+    if not args.feature_only:
+        draft_hf = llama("1b", vocab, 1, layers=layers, decisive=True)
+        draft = graph_decoder_for(HFCausalLM(draft_hf, "1b", eos_token_ids=set()), capacity)
+        assert isinstance(draft, GraphDecoder)
+    assert isinstance(target, GraphDecoder)
+    report["kernels"] = {"target": target.kernels}
     # bytes read per decode step: every parameter once (the tied table is read as the head)
     weight_bytes = sum(p.numel() * p.element_size() for p in target_hf.parameters())
     spec_bps = next((bps for name, bps in HBM_SPEC_BPS.items() if name in report["device"]), None)
@@ -213,6 +217,14 @@ def main() -> None:
 
     # What each part buys, in the same run: the host one step behind the device (GreedyChain),
     # and programmatic dependent launch between the kernels.
+    if args.feature_only:  # straight to the step costs and the feature head's table
+        t_costs = step_costs(target, prompt)
+        report["target_verify_ms"] = {n: 1000 * t for n, t in t_costs.items()}
+        report["feature"] = feature_rows(target, target_hf, prompt, reference, plain, t_costs, vocab, new_tokens,
+                                         args.repeats)
+        _write(report)
+        _print_feature_table(report)
+        return
     plain_variant("plain_lock_step", target, chained=False)
     report["prefill_ms"] = 1000 * statistics.median(
         [sync_time(lambda: target.prefill(torch.tensor(prompt[:-1]), target.new_cache()))[0] for _ in range(5)])
@@ -306,6 +318,79 @@ def main() -> None:
         print("peers:", peers, flush=True)
     _write(report)
     _print_table(report)
+
+
+FEATURE_HEAD_TOKENS = 32768  # the head's rows: the target's for its most frequent tokens
+
+
+def feature_rows(target, target_hf, prompt, reference, plain, t_costs, vocab, new_tokens, repeats) -> dict:
+    """The speculative table with a feature head of the target's shape (one 4096-wide Llama
+    layer, fc, a 32k-row head; random weights, so synthetic acceptance sets alpha) in place of
+    the 1B draft: the head's steps are captured graphs that read the target's features."""
+    from specdec.draft_models.feature_head import FeatureHead, GraphFeatureDecoder, one_layer_config
+    from specdec.drafters.feature import FeatureDrafter
+
+    torch.manual_seed(2)
+    head = GraphFeatureDecoder(FeatureHead(one_layer_config(target_hf.config)), target,
+                               torch.arange(FEATURE_HEAD_TOKENS), "feature-8b")
+    head_bytes = sum(p.numel() * p.element_size() for p in head.head.parameters()) + \
+        FEATURE_HEAD_TOKENS * target_hf.config.hidden_size * 2
+    # One head step: features staged, one graph replay (what each draft token costs).
+    cache = head.new_cache()
+    cache.features_in = torch.zeros(1, head.feature_size, device="cuda")
+    head.forward(torch.tensor([5], device="cuda"), cache, 1)
+    samples = []
+    for _ in range(30):
+        cache.features_in = cache.predicted
+        samples.append(sync_time(lambda: head.forward(torch.tensor([5], device="cuda"), cache, 1))[0])
+        head.rewind(cache, 1)
+    head.release(cache)
+    head_step_s = statistics.median(samples[5:])
+    out = {"head_step_ms": 1000 * head_step_s, "head_MB": head_bytes / 1e6,
+           "head_step_of_target_step": head_step_s / t_costs[1], "rows": []}
+    print("feature head:", {k: v for k, v in out.items() if k != "rows"}, flush=True)
+    for alpha in (0.6, 0.8, 0.9):
+        for k in (2, 4, 5, 6, 8):
+            seeds = iter(range(1000 * k, 1000 * k + 100))
+            make = lambda: SyntheticDrafter(FeatureDrafter(head), reference, alpha, vocab, seed=next(seeds))  # noqa: E731
+            timed_generation(target, make(), prompt, 16, k)  # captures the head's and the verify's graphs
+            plain_t = elapsed = 0.0
+            tokens = passes = accepted = drafted = 0
+            identical = True
+            for _ in range(repeats):
+                plain_t += timed_generation(target, None, prompt, new_tokens, 0)[0]
+                t, run = timed_generation(target, make(), prompt, new_tokens, k)
+                elapsed += t
+                tokens += run.stats.generated_tokens
+                passes += run.stats.target_forward_passes
+                accepted += run.stats.accepted_tokens
+                drafted += run.stats.drafted_tokens
+                identical &= run.token_ids == plain.token_ids
+            expected_len = sum(alpha ** i for i in range(k + 1))
+            verify = t_costs.get(k + 1) or step_costs(target, prompt, sizes=(k + 1,))[k + 1]
+            per_step = t_costs[1] / (verify + k * head_step_s)
+            speedup = plain_t / elapsed
+            row = {"alpha": alpha, "k": k, "speedup": speedup, "ideal": expected_len * per_step,
+                   "of_ideal": speedup / (expected_len * per_step),
+                   "of_ideal_at_drawn_acceptance": speedup / (tokens / passes * per_step),
+                   "tok_s": repeats * new_tokens / elapsed, "acceptance": accepted / drafted,
+                   "mean_accepted_length": tokens / passes, "expected_length": expected_len, "runs": repeats,
+                   "identical_to_plain": identical}
+            out["rows"].append(row)
+            print(row, flush=True)
+    return out
+
+
+def _print_feature_table(report: dict) -> None:
+    feature = report["feature"]
+    print(f"\nplain {report['plain']['tok_s']:.1f} tok/s; feature head step {feature['head_step_ms']:.3f} ms "
+          f"({feature['head_step_of_target_step']:.1%} of a target step), {feature['head_MB']:.0f} MB")
+    print("| alpha | k | speedup | ideal | of ideal | accepted + 1 (expected) | of ideal at drawn | tok/s | identical |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for r in feature["rows"]:
+        print(f"| {r['alpha']} | {r['k']} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['of_ideal']:.0%} | "
+              f"{r['mean_accepted_length']:.2f} ({r['expected_length']:.2f}) | "
+              f"{r['of_ideal_at_drawn_acceptance']:.0%} | {r['tok_s']:.0f} | {r['identical_to_plain']} |")
 
 
 def _write(report: dict) -> None:

@@ -3,6 +3,7 @@
 #   bash scripts/gpu_check.sh check     the GPU tests (graphs captured, Triton compiled) and the
 #                                       single-request benchmark (exactness, plain, speculative table)
 #   bash scripts/gpu_check.sh serving   batched serving at loads 1 and 8, and where the host's time goes
+#   bash scripts/gpu_check.sh feature   the graph and feature-head tests, and the feature head's speculative table
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -15,9 +16,13 @@ case "${1:-check}" in
     python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu_kernels.py tests/backends/test_graph_decoder.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
     python3 scripts/gpu_bench.py --repeats "${REPEATS:-2}" --no-compile 2>&1 | tee "$OUT/gpu_bench.log" | tail -40
     ;;
+  feature)
+    python3 -m pytest -q -p no:cacheprovider tests/backends/test_graph_decoder.py tests/loop/test_feature_drafter.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    python3 scripts/gpu_bench.py --feature-only --no-exactness --repeats "${REPEATS:-3}" 2>&1 | tee "$OUT/gpu_feature.log" | tail -25
+    ;;
   serving)
     python3 scripts/gpu_serving.py --concurrency "${LOADS:-1,8}" 2>&1 | tee "$OUT/gpu_serving.log" | tail -20
     python3 scripts/gpu_host_gaps.py 2>&1 | tee "$OUT/gpu_host_gaps.log" | tail -8
     ;;
-  *) echo "usage: gpu_check.sh check|serving" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh check|serving|feature" >&2; exit 2 ;;
 esac

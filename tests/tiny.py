@@ -67,3 +67,25 @@ def tokenizer(directory: Path | None = None) -> PreTrainedTokenizerFast:
     if directory is not None:
         fast.save_pretrained(directory)
     return fast
+
+
+def feature_head(model, copy: bool, seed: int = 0):
+    """A feature head (draft_models/feature_head.py) for a tiny one-layer-or-more target.
+
+    copy=True: its layer and final norm are the target's first layer and final norm, and fc
+    passes the token embedding through: on a one-layer target it predicts the target's next
+    feature closely (its cache lacks only the first token's entry), so drafts are accepted.
+    copy=False: random weights, so drafts are mostly rejected."""
+    from specdec.draft_models.feature_head import FeatureHead, one_layer_config
+
+    torch.manual_seed(seed)
+    config = one_layer_config(model.config.get_text_config())
+    head = FeatureHead(config).to(model.dtype)
+    if copy:
+        hidden = config.hidden_size
+        with torch.no_grad():
+            head.body.layers[0].load_state_dict(model.model.layers[0].state_dict())
+            head.body.norm.load_state_dict(model.model.norm.state_dict())
+            head.fc.weight.zero_()
+            head.fc.weight[:, :hidden] = torch.eye(hidden)
+    return head.eval().requires_grad_(False)

@@ -10,6 +10,7 @@ from .backends.compact_decoder import compact_target_for
 from .backends.graph_decoder import graph_decoder_for
 from .backends.hf import HFCausalLM
 from .draft_models.distilled_draft import is_distilled_draft, load_distilled_draft
+from .draft_models.feature_head import is_feature_head, load_feature_head
 from .draft_models.self_draft import DEFAULT_DRAFT_VOCAB, SCHEMES, self_draft_for
 from .engine import Engine
 from .errors import SpecDecError
@@ -53,8 +54,8 @@ def load(
     resolved_device = resolve_device(device)
     backend = resolve_backend(backend, target, resolved_device, drafter)
     if drafter is None:
-        drafter = default_drafter(draft is not None, backend, resolved_device)
-    uses_draft = drafter in ("model", "ngram+model")
+        drafter = default_drafter(draft, backend, resolved_device)
+    uses_draft = drafter in ("model", "ngram+model", "feature", "ngram+feature")
     if uses_draft and draft is None:
         raise SpecDecError(f"drafter {drafter!r} needs a draft model (draft=... / --draft)")
     if not uses_draft and draft is not None:
@@ -70,6 +71,8 @@ def load(
         if backend != "torch":
             raise SpecDecError("the self-draft is built from a torch model: use --backend torch for it")
         draft_model = self_draft_for(loaded_target.model, loaded_target.tokenizer, self_draft, draft_vocab)
+    elif draft is not None and is_feature_head(draft):
+        draft_model = None  # built on the target as it finally runs (below): it reads that model's features
     elif draft is not None and is_distilled_draft(draft):
         draft_model = _distilled_draft(draft, target, loaded_target, resolved_device, resolved_dtype)
     elif draft is not None:
@@ -83,6 +86,8 @@ def load(
     if cuda_graphs:
         target_model = graph_decoder_for(target_model)
         draft_model = None if draft_model is None else graph_decoder_for(draft_model)
+    if draft is not None and is_feature_head(draft):
+        draft_model = load_feature_head(draft, target_model, loaded_target.tokenizer)
     return Engine(target_model, loaded_target.tokenizer, drafter, draft_model)
 
 
@@ -138,9 +143,9 @@ def _is_gguf_target(target: str | os.PathLike | None) -> bool:
     return target is None or str(target) in REGISTRY or str(target).endswith(".gguf")
 
 
-def default_drafter(has_draft_model: bool, backend: str, device: torch.device) -> str:
-    if has_draft_model:
-        return "model"
+def default_drafter(draft: str | os.PathLike | None, backend: str, device: torch.device) -> str:
+    if draft is not None:
+        return "feature" if is_feature_head(_shipped_draft_path(draft)) else "model"
     return "ngram+self" if backend == "torch" and device.type == "cpu" else "ngram"
 
 

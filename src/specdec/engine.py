@@ -7,6 +7,7 @@ from .backends.base import CausalLM
 from .batching import BatchStepper
 from .draft_length import CostMemory
 from .drafters.base import DrafterFactory
+from .drafters.feature import FeatureDrafter
 from .drafters.hybrid import HybridDrafter
 from .drafters.model import ModelDrafter
 from .drafters.ngram import NGramDrafter
@@ -15,9 +16,10 @@ from .generation import Generation, GenerationOutput
 from .sampling_params import SamplingParams
 
 # model: a separate draft model; self: a cheaper copy of the target (draft_models/self_draft.py);
-# ngram: prompt lookup; ngram+model / ngram+self: lookup when it matches, the model otherwise.
-DRAFTERS = ("model", "self", "ngram", "ngram+model", "ngram+self", "none")
-MODEL_DRAFTERS = ("model", "self", "ngram+model", "ngram+self")
+# feature: a feature head on the target's hidden states (draft_models/feature_head.py);
+# ngram: prompt lookup; ngram+X: lookup when it matches, X otherwise.
+DRAFTERS = ("model", "self", "feature", "ngram", "ngram+model", "ngram+self", "ngram+feature", "none")
+MODEL_DRAFTERS = ("model", "self", "feature", "ngram+model", "ngram+self", "ngram+feature")
 
 Prompt = str | Sequence[int]
 
@@ -115,7 +117,7 @@ class Engine:
                     yield text
 
     def _relative_draft_cost(self) -> float:
-        if self.draft_model is None or not self.drafter_name.endswith(("model", "self")):
+        if self.draft_model is None or not self.drafter_name.endswith(("model", "self", "feature")):
             return 0.0
         if self._draft_cost is None:
             target_flops = self.target.flops_per_token()
@@ -194,9 +196,13 @@ def _drafter_factory(name: str, target: CausalLM, draft_model: CausalLM | None) 
     if draft_model is None:
         raise SpecDecError(f"drafter {name!r} needs a draft model (--draft / draft=...)")
     check_vocabularies(target, draft_model)
+    if getattr(draft_model, "reads_features", False) != name.endswith("feature"):
+        raise SpecDecError(f"drafter {name!r} does not fit draft {draft_model.name!r}: a feature head drafts with "
+                           "'feature' or 'ngram+feature', a draft model with the other model drafters")
+    drafter_class = FeatureDrafter if name.endswith("feature") else ModelDrafter
     if name.startswith("ngram+"):
-        return lambda: HybridDrafter(ModelDrafter(draft_model))
-    return lambda: ModelDrafter(draft_model)
+        return lambda: HybridDrafter(drafter_class(draft_model))
+    return lambda: drafter_class(draft_model)
 
 
 def check_vocabularies(target: CausalLM, draft: CausalLM) -> None:

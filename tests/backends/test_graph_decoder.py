@@ -297,3 +297,30 @@ def test_prompts_joining_a_pooled_batch_share_its_pass_and_give_each_sequence_it
         if round_ == 0:
             assert not alone_passes  # the prompts and the batch: one pass
             feeds = [(i, mine[i].length, n) for i, n in ((2, 2), (0, 4), (3, 1), (1, 3))]
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("k", [2, 6])
+def test_feature_head_on_the_graph_path_gives_the_plain_output(kernels, k):
+    """A feature head beside a graph-decoder target (draft_models/feature_head.py): its steps
+    are captured graphs on CUDA that read staged features; a long prompt's catch-up runs the
+    packed pass. Drafts are accepted (a copy of the one-layer target's layer) and output equals
+    the path's plain output."""
+    from specdec.draft_models.feature_head import GraphFeatureDecoder
+
+    if kernels and DEVICE == "cpu":
+        pytest.skip("the fused kernels in Triton's interpreter: covered on CUDA")
+    model = tiny.llama(0, layers=1, dtype=DTYPE).to(DEVICE)
+    target = GraphDecoder(model, "static", DTYPE, set(), tiny.VOCAB, 256, kernels=kernels or None)
+    head = GraphFeatureDecoder(tiny.feature_head(model.cpu(), copy=True), target, torch.arange(tiny.VOCAB), "head")
+    model.to(DEVICE)
+    engine = Engine(target, drafter="feature", draft_model=head)
+    long_prompt = [1] + torch.randint(3, tiny.VOCAB, (GRAPH_MAX_TOKENS + 5,),
+                                      generator=torch.Generator().manual_seed(0)).tolist()
+    accepted = 0
+    for prompt in PROMPTS + [long_prompt]:
+        plain = engine.generate(prompt, max_new_tokens=40, num_draft_tokens=0).token_ids
+        out = engine.generate(prompt, max_new_tokens=40, num_draft_tokens=k)
+        assert out.token_ids == plain, f"prompt {prompt}"
+        accepted += out.stats.accepted_tokens
+    assert accepted > 100

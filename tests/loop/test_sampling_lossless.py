@@ -186,3 +186,18 @@ def test_distilled_draft_sampling_follows_target_law(pair, tmp_path):
     assert_fits(counts, exact_law(target, params))
     assert deepest == 2
     assert engine.generate(PROMPT, max_new_tokens=4, temperature=1.0, seed=1).stats.drafted_tokens > 0
+
+
+def test_feature_head_sampling_follows_target_law():
+    # A feature head (drafters/feature.py) on a one-layer target, its head over 6 of 16 tokens
+    # (plus the prompt's): its drafts are accepted, two in a step, and samples follow p.
+    from specdec.backends.compact_decoder import CompactDecoder
+    from specdec.draft_models.feature_head import FeatureDecoder
+
+    model = tiny.llama(seed=3, vocab=VOCAB, hidden=32, layers=1)
+    target = CompactDecoder(model, "t16-1", model.dtype, set(), VOCAB)
+    head = FeatureDecoder(tiny.feature_head(model, copy=True), target, torch.tensor([0, 2, 4, 6, 8, 10]), "head")
+    params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=6, num_draft_tokens=2)
+    counts, deepest = sample_counts(Engine(target, drafter="feature", draft_model=head), params, 2000, seed0=5150)
+    assert_fits(counts, exact_law(target, params))
+    assert deepest == 2

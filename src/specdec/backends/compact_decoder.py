@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CausalLM, CoversContext, SharesContext
+from .features import ExposesFeatures, record_features
 from .layers import (
     Int8Weight,
     Layer,
@@ -63,6 +64,7 @@ class CompactCache:
         self.extra_head: torch.Tensor | None = None
         self.column_token_ids: torch.Tensor | None = None  # subset ids then extra ids, once per change
         self.covered = 0  # context tokens already checked
+        self.feature_log = None  # a target's, for a feature drafter (backends/features.py)
 
     def reserve(self, length: int) -> None:
         capacity = self.keys[0].shape[1]
@@ -77,7 +79,7 @@ class CompactCache:
                 store[i] = grown
 
 
-class CompactDecoder(CausalLM, SharesContext, CoversContext):
+class CompactDecoder(CausalLM, SharesContext, CoversContext, ExposesFeatures):
     """`CausalLM` over a `transformers` decoder's weights (shared where dtypes match)."""
 
     prompts_join_batches = True  # its packed pass reads a joining prompt for less (base.reads_prompts_in_batches)
@@ -115,12 +117,20 @@ class CompactDecoder(CausalLM, SharesContext, CoversContext):
         if output_token_ids is not None and getattr(head, "bias", None) is not None:
             raise UnsupportedArchitecture("subset heads with a bias are not supported")
         self._full_head = head.weight  # the target's, shared: extra rows are gathered from it
-        self._head = self._weight(head.weight if output_token_ids is None else head.weight[output_token_ids])
+        self.feature_size = int(config.hidden_size)
         self._head_bias = None if getattr(head, "bias", None) is None else head.bias.float()
         self._in_head = None
-        if output_token_ids is not None:
-            self._in_head = torch.zeros(vocab_size, dtype=torch.bool)
-            self._in_head[output_token_ids.cpu()] = True
+        if output_token_ids is None:
+            self._head = self._weight(head.weight)
+        else:
+            self._set_subset_head(output_token_ids, head.weight[output_token_ids])
+
+    def _set_subset_head(self, token_ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """The head scores only `token_ids` (rows: their head rows); the rest have draft probability zero."""
+        self.output_token_ids = token_ids
+        self._head = self._weight(rows)
+        self._in_head = torch.zeros(self.vocab_size, dtype=torch.bool)
+        self._in_head[token_ids.cpu()] = True
 
     # ---- CausalLM ----------------------------------------------------------------------------
     def new_cache(self) -> CompactCache:
@@ -187,6 +197,15 @@ class CompactDecoder(CausalLM, SharesContext, CoversContext):
         weights = sum(m.numel() for layer in self._layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
         return 2.0 * (weights + self._head.numel())
 
+    # ---- what a feature draft reads ---------------------------------------------------------
+    @torch.inference_mode()
+    def input_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(token_ids.to(self.device)).float()
+
+    @torch.inference_mode()
+    def head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._full_head[token_ids.to(self._full_head.device)].float()
+
     # ---- subset heads ---------------------------------------------------------------------
     def column_token_ids(self, cache: CompactCache) -> torch.Tensor | None:
         """The token id of each logits column for this sequence (None: the whole vocabulary)."""
@@ -206,7 +225,7 @@ class CompactDecoder(CausalLM, SharesContext, CoversContext):
         missing = torch.unique(missing)
         if not missing.numel():
             return
-        rows = self._full_head[missing.to(self._full_head.device)].to(self.dtype)
+        rows = self.head_rows(missing).to(self.dtype)
         cache.extra_token_ids = torch.cat([cache.extra_token_ids, missing])
         cache.extra_head = rows if cache.extra_head is None else torch.cat([cache.extra_head, rows])
         cache.column_token_ids = torch.cat([self.output_token_ids, cache.extra_token_ids])
@@ -232,7 +251,10 @@ class CompactDecoder(CausalLM, SharesContext, CoversContext):
     # ---- the decoder -------------------------------------------------------------------------
     def _body(self, token_ids: torch.Tensor, cache: CompactCache) -> torch.Tensor:
         if token_ids.shape[0] == 1 and self._one_row_step is not None:  # a draft step: native, all layers
-            return self._one_row_step(token_ids, cache)
+            start = cache.length
+            hidden = self._one_row_step(token_ids, cache)
+            record_features(cache, start, hidden)
+            return hidden
         return self._packed_body([token_ids], [cache])
 
     def _packed_body(self, token_ids: list[torch.Tensor], caches: list) -> torch.Tensor:
@@ -240,7 +262,7 @@ class CompactDecoder(CausalLM, SharesContext, CoversContext):
         sizes = [t.shape[0] for t in token_ids]
         segments = [self._segment(cache, n) for cache, n in zip(caches, sizes)]
         # A sequence's first draft feed is its context, on the host; later ones are the device's own picks.
-        hidden = self.embedding(torch.cat([t.to(self.device) for t in token_ids])).float()  # [sum n_i, hidden]
+        hidden = self._input_rows(token_ids, caches)  # [sum n_i, hidden]
         positions = torch.cat([segment.positions for segment in segments])
         rotary = self._rotary(positions)
 
@@ -250,9 +272,15 @@ class CompactDecoder(CausalLM, SharesContext, CoversContext):
 
         for i, layer in enumerate(self._layers):
             hidden = self._layer(layer, i, hidden, rotary[layer.rope], attend)
-        for cache, n in zip(caches, sizes):
-            cache.length += n
-        return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
+        hidden = F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
+        for cache, rows in zip(caches, hidden.split(sizes)):
+            record_features(cache, cache.length, rows)
+            cache.length += rows.shape[0]
+        return hidden
+
+    def _input_rows(self, token_ids: list[torch.Tensor], caches: list) -> torch.Tensor:
+        """The first layer's input rows: the token embeddings (a feature head reads others)."""
+        return self.embedding(torch.cat([t.to(self.device) for t in token_ids])).float()
 
     def _rotary(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) [n, 1, d] at float positions, per rotary table (Gemma's local and global layers differ)."""

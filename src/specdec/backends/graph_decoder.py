@@ -25,6 +25,7 @@ from .. import trace
 from ..kernels import gpu_kernels
 from .base import PACKED, BatchLayout, ChainsGreedySteps, pinned
 from .compact_decoder import PREFILL_CHUNK, CompactDecoder
+from .features import record_features
 from .fused_layers import FusedLayers, why_kernels_do_not_apply
 from .greedy_chain import GreedyChain
 from .grouped_attention import GroupedAttention
@@ -138,9 +139,14 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         if n not in slot.graphs:
             self._capture(slot, n)
         slot.inputs[n].copy_(pinned(token_ids), non_blocking=True)
+        self._stage_inputs(cache, n)
         slot.graphs[n].replay()
+        record_features(cache, cache.length, slot.hidden[n])
         cache.length += n
         return slot.outputs[n][n - num_logits :]
+
+    def _stage_inputs(self, cache: StaticCache, n: int) -> None:
+        """Before a graph step of n tokens: what else its inputs hold (a feature head's features)."""
 
     @torch.inference_mode()
     def forward_batch(self, token_ids: list[torch.Tensor], caches: list[StaticCache],
@@ -196,7 +202,8 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         """A feed that can join a batched graph: a pooled sequence's, narrow enough, with room
         for the padded width."""
         return (self._leases.pool is not None and cache.slot.index is not None and width <= GRAPH_MAX_TOKENS
-                and cache.length + GRAPH_MAX_TOKENS <= self.capacity)
+                and cache.length + GRAPH_MAX_TOKENS <= self.capacity
+                and cache.feature_log is None)  # batched graphs keep no features: its own graphs do
 
     def _batch_step(self, size: int, width: int) -> BatchStep:
         step = self._batch_steps.get((size, width))
@@ -282,10 +289,13 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
     def _capture(self, slot: Slot, n: int) -> None:
         tokens = torch.zeros(n, dtype=torch.long, device=self.device)
         slot.inputs[n] = tokens
-        outputs: list[torch.Tensor] = []
-        slot.graphs[n] = self._capture_graphs.captured(
-            lambda: outputs.append(self._logits(self._static_body(tokens, slot))))
-        slot.outputs[n] = outputs[-1]
+        outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def step() -> None:
+            hidden = self._static_body(tokens, slot)
+            outputs.append((hidden, self._logits(hidden)))
+        slot.graphs[n] = self._capture_graphs.captured(step)
+        slot.hidden[n], slot.outputs[n] = outputs[-1]  # the final hidden states are kept for feature heads
 
     def _capture_chain(self, slot: Slot) -> None:
         slot.chain_graph = self._capture_graphs.captured(lambda: self._chain_body(slot))
@@ -299,14 +309,18 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         n = token_ids.shape[0]
         if n > GRAPH_MAX_TOKENS and not self.kernels:
             return self._packed_body([token_ids], [cache])
+        start = cache.length
         if n > GRAPH_MAX_TOKENS:
             width = max(MIN_PROMPT_WIDTH, 1 << (n - 1).bit_length())
             if cache.slot.index is not None and cache.length + width <= self.capacity:
-                return self._prompt_graph(token_ids, cache, width)
-            return self._fused_prompt(token_ids, cache)
-        cache.slot.start.fill_(cache.length)
-        hidden = self._static_body(token_ids.to(self.device), cache.slot)
-        cache.length += token_ids.shape[0]
+                hidden = self._prompt_graph(token_ids, cache, width)
+            else:
+                hidden = self._fused_prompt(token_ids, cache)
+        else:
+            cache.slot.start.fill_(cache.length)
+            hidden = self._static_body(token_ids.to(self.device), cache.slot)
+            cache.length += token_ids.shape[0]
+        record_features(cache, start, hidden)
         return hidden
 
     def _prompt_graph(self, token_ids: torch.Tensor, cache: StaticCache, width: int) -> torch.Tensor:
@@ -410,7 +424,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
     def _static_body(self, token_ids: torch.Tensor, slot: Slot) -> torch.Tensor:
         n = token_ids.shape[0]
         positions = slot.start + self._offsets[:n]  # [n], on the device
-        hidden = self.embedding(token_ids).float()
+        hidden = self._static_inputs(token_ids, slot)
         angles = positions.float()
         rotary = self._rotary(angles)
         if self.kernels and n <= gpu_kernels.MAX_ROWS:
@@ -431,6 +445,10 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
             attend = self._attention_heads.over_slot(slot, positions, masks[window])
             hidden = self._layer(layer, i, hidden, rotary[layer.rope], attend)
         return F.rms_norm(hidden, (hidden.shape[-1],), self._final_norm, self._eps)
+
+    def _static_inputs(self, token_ids: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """A step's first-layer rows: the token embeddings (a feature head's read its features too)."""
+        return self.embedding(token_ids).float()
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Up to MAX_ROWS rows: the skinny kernel, whose rows do not depend on how many come;

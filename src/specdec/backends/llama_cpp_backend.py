@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, SpecDecError
 from .base import CausalLM
+from .features import ExposesFeatures, FeatureLog
 from .llama_cpp_head import SplitHead
 
 
@@ -54,9 +55,10 @@ class SequenceSlot:
 
     seq_id: int | None  # None once released
     length: int = 0
+    feature_log: FeatureLog | None = None  # kept for a feature drafter (backends/features.py)
 
 
-class LlamaCppCausalLM(CausalLM):
+class LlamaCppCausalLM(CausalLM, ExposesFeatures):
     prompts_join_batches = False  # a prompt in a mixed batch costs more than apart (base.CausalLM)
 
     def __init__(self, path: str | Path, name: str | None = None, n_ctx: int = 8192, max_sequences: int = 32,
@@ -110,6 +112,7 @@ class LlamaCppCausalLM(CausalLM):
             self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
             eos = {int(llama_cpp.llama_vocab_eos(vocab)), int(llama_cpp.llama_vocab_eot(vocab))}
             self.eos_token_ids = frozenset(t for t in eos if t >= 0)
+        self.feature_size = self._head.hidden if self._head else 0
         self.max_sequences = max_sequences  # sequences in flight at once (they share n_ctx cells)
         self.kv_cells = n_ctx  # cache cells every sequence's positions share (kv_unified)
         self._free = list(range(max_sequences))
@@ -167,8 +170,7 @@ class LlamaCppCausalLM(CausalLM):
         if len(ids) > self._n_batch:
             self.prefill(token_ids[: len(ids) - num_logits], cache)
             ids = ids[len(ids) - num_logits :]
-        self._decode(ids, cache, num_logits)
-        return self._output_logits(num_logits, fresh=False)
+        return self._head_logits(self._decode(ids, cache, num_logits), fresh=False)
 
     def forward_batch(self, token_ids: list[torch.Tensor], caches: list[SequenceSlot],
                       num_logits: list[int]) -> list[torch.Tensor]:
@@ -190,45 +192,74 @@ class LlamaCppCausalLM(CausalLM):
                 ids, cache, count = group[0]
                 out.append(self.forward(torch.tensor(ids), cache, count).clone())
             elif group:
-                self._decode_segments(group)
-                rows = self._output_logits(sum(count for _, _, count in group), fresh=True)
+                rows = self._head_logits(self._decode_segments(group), fresh=True)
                 out.extend(rows.split([count for _, _, count in group]))
         return out
 
-    def _output_logits(self, count: int, fresh: bool) -> torch.Tensor:
-        pointer = self._lib.llama_get_logits(self._ctx.ctx)
-        width = self._head.hidden if self._head else self.vocab_size
-        rows = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(count, width))
+    def _head_logits(self, rows: np.ndarray, fresh: bool) -> torch.Tensor:
+        """rows: what llama.cpp output at the positions that want logits (the split head's
+        hidden states, or llama.cpp's own logits)."""
         if not self._head:
             return torch.from_numpy(rows.copy() if fresh else rows)
         if fresh:
             return self._head.logits(rows, self._threads)
-        if self._logits.shape[0] < count:
-            self._logits = torch.empty(count, self.vocab_size)
+        if self._logits.shape[0] < rows.shape[0]:
+            self._logits = torch.empty(rows.shape[0], self.vocab_size)
         return self._head.logits(rows, self._threads, out=self._logits)
 
-    def _decode(self, ids: list[int], cache: SequenceSlot, num_logits: int) -> None:
-        if ids:
-            self._decode_segments([(ids, cache, num_logits)])
+    def _decode(self, ids: list[int], cache: SequenceSlot, num_logits: int) -> np.ndarray:
+        if not ids:
+            return np.empty((0, self._head.hidden if self._head else self.vocab_size), np.float32)
+        return self._decode_segments([(ids, cache, num_logits)])
 
-    def _decode_segments(self, segments: list[tuple[list[int], SequenceSlot, int]]) -> None:
-        """One llama.cpp decode of several sequences' tokens; logits at each one's last num_logits."""
+    def _decode_segments(self, segments: list[tuple[list[int], SequenceSlot, int]]) -> np.ndarray:
+        """One llama.cpp decode of several sequences' tokens; llama.cpp's output rows [sum num_logits, width]
+        at each one's last num_logits positions. A sequence that keeps its features has every
+        position output (the split head's hidden states), kept in its cache's feature log."""
         batch = self._batch.batch
         batch.n_tokens = sum(len(ids) for ids, _, _ in segments)
         if self._head:
             self._embeddings[: batch.n_tokens] = self._head.embed([t for ids, _, _ in segments for t in ids])
+        outputs = [len(ids) if cache.feature_log is not None else num_logits for ids, cache, num_logits in segments]
         i = 0
-        for ids, cache, num_logits in segments:
-            first_logit = len(ids) - num_logits
-            for j, token in enumerate(ids):
+        for (ids, cache, _), count in zip(segments, outputs):
+            for j in range(len(ids)):
                 if not self._head:
-                    batch.token[i] = token
+                    batch.token[i] = ids[j]
                 batch.pos[i] = cache.length + j
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = cache.seq_id
-                batch.logits[i] = j >= first_logit
+                batch.logits[i] = j >= len(ids) - count
                 i += 1
         self._ctx.decode(self._batch)
+        pointer = self._lib.llama_get_logits(self._ctx.ctx)
+        width = self._head.hidden if self._head else self.vocab_size
+        rows = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
+                                     shape=(sum(outputs), width))
+        if all(cache.feature_log is None for _, cache, _ in segments):
+            wanted = rows  # the output is the logits' rows, in batch order
+        else:
+            parts, start = [], 0
+            for (_, cache, num_logits), count in zip(segments, outputs):
+                if cache.feature_log is not None:
+                    cache.feature_log.write(cache.length, torch.from_numpy(rows[start : start + count].copy()))
+                parts.append(rows[start + count - num_logits : start + count])
+                start += count
+            wanted = np.concatenate(parts)
         for ids, cache, _ in segments:
             cache.length += len(ids)
+        return wanted
+
+    # ---- what a feature draft reads (backends/features.py) ----------------------------------
+    def keep_features(self, cache: SequenceSlot) -> None:
+        if not self._head:
+            raise SpecDecError(f"{self.name}: llama.cpp gives the hidden states a feature head reads only where "
+                               "its split head applies (Q8_0 or Q6_K heads; SPECDEC_LLAMA_CPP_HEAD unset)")
+        cache.feature_log = FeatureLog()
+
+    def input_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._head.embed(token_ids.tolist()))
+
+    def head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._head.head_rows(token_ids.tolist()))
 

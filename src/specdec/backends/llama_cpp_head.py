@@ -96,6 +96,11 @@ class SplitHead:
             rows = _dequantized_rows(self._mapped, self.embed_offset, self.embed_type, self.vocab_size, self.hidden, ids)
         return rows * np.float32(self.input_scale) if self.input_scale != 1.0 else rows
 
+    def head_rows(self, token_ids: list[int]) -> np.ndarray:
+        """The head's rows [n, hidden] of these tokens, float32."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        return _dequantized_rows(self._mapped, self.head_offset, self.head_type, self.vocab_size, self.hidden, ids)
+
     def logits(self, hidden: np.ndarray, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [n, vocab] for final-norm hidden states [n, hidden] (float32, contiguous)."""
         n = hidden.shape[0]

@@ -31,6 +31,8 @@ class Slot:
         self.start = torch.zeros((), dtype=torch.long, device=device)  # first position of a step
         self.inputs: dict[int, torch.Tensor] = {}  # tokens per step size, [n]
         self.outputs: dict[int, torch.Tensor] = {}  # logits per step size, [n, vocab]
+        self.hidden: dict[int, torch.Tensor] = {}  # final hidden states per step size, [n, hidden]
+        self.features: torch.Tensor | None = None  # a feature head's step input (draft_models/feature_head.py)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # Plain greedy decoding (GreedyChain): a one-token step that ends by writing its
         # argmax into its own input, so the next step needs nothing from the host.
@@ -45,6 +47,9 @@ class StaticCache:
         self.slot: Slot | None = slot  # None once released
         self.length = 0
         self.extra_head = None  # no per-sequence head rows on this path
+        self.feature_log = None  # a target's, for a feature drafter (backends/features.py)
+        self.features_in: torch.Tensor | None = None  # a feature head's: its next feed's features
+        self.predicted: torch.Tensor | None = None  # a feature head's: its last predicted feature
 
 
 class SlotLeases:

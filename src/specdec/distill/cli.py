@@ -20,6 +20,13 @@ def add_distill_parser(sub) -> None:
                    help="training text: FILE.jsonl[.gz] (every string field), FILE.txt, a DIR of text files, or "
                         "builtin:python-docs / builtin:python-source; several joined by commas")
     p.add_argument("--out", required=True, help="directory for the draft (and checkpoints while training)")
+    p.add_argument("--method", choices=["layers", "feature"], default="layers",
+                   help="layers: a shallow copy of the target, distilled (a draft model); feature: a one-layer "
+                        "feature head on the target's own hidden states (EAGLE-style; drafter 'feature')")
+    p.add_argument("--depth", type=int, default=3,
+                   help="feature: roll-out depth of the training-time test (default: 3)")
+    p.add_argument("--backend", choices=["auto", "torch", "llama.cpp"], default="auto",
+                   help="feature: the backend whose hidden states the head learns (default: the one generate picks)")
     p.add_argument("--layers", type=int, default=2, help="draft layers, initialised from the target's (default: 2)")
     p.add_argument("--shared-layers", type=int, default=0, metavar="N",
                    help="the draft's first N layers are the target's own, untrained and not stored: a deeper "
@@ -78,7 +85,7 @@ def _distill(args: argparse.Namespace) -> int:
     from .train import TrainingConfig, distil, token_map_from
 
     ensure_log_handler()
-    for name in ("layers", "steps", "batch_size", "seq_len", "checkpoint_every"):
+    for name in ("layers", "steps", "batch_size", "seq_len", "checkpoint_every", "depth"):
         if getattr(args, name) < 1:
             raise SpecDecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
@@ -89,6 +96,10 @@ def _distill(args: argparse.Namespace) -> int:
         raise SpecDecError(f"--out {str(out)!r} exists and is not a directory")
     documents = read_documents(args.data)  # before loading the model: bad data fails in a second
     device = resolve_device(args.device)
+    if args.method == "feature":
+        from .feature_cli import distill_feature
+
+        return distill_feature(args, documents, device)
     loaded = load_model(args.target, device, resolve_dtype(args.dtype, device))
     target, tokenizer = loaded.model, loaded.tokenizer
     if args.tokenizer:

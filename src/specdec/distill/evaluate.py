@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import CausalLM
@@ -18,6 +18,8 @@ class EvaluationRow:
     seconds: float  # total generation time over the prompts
     speedup: float  # plain seconds / these seconds
     identical_to_plain: bool
+    # Of the steps that drafted a j-th token, the share whose j-th token was accepted (j = 1, 2, ..).
+    per_position_acceptance: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -42,6 +44,7 @@ def evaluate(target: CausalLM, tokenizer: Any, drafts: dict[str, tuple[str, Caus
         engine.generate(inputs[0], max_new_tokens=4)
     reference: list[list[int]] = []
     totals = {name: [0.0, 0, 0, 0, 0] for name in configs}  # seconds, drafted, accepted, tokens, passes
+    positions = {name: ([], []) for name in configs}  # drafted and accepted, per draft position
     identical = {name: True for name in configs}
     for i, prompt in enumerate(inputs):
         for name, engine in engines.items():
@@ -59,18 +62,24 @@ def evaluate(target: CausalLM, tokenizer: Any, drafts: dict[str, tuple[str, Caus
             row[2] += out.stats.accepted_tokens
             row[3] += out.stats.generated_tokens
             row[4] += out.stats.target_forward_passes
+            for count, into in zip((out.stats.per_position_drafted, out.stats.per_position_accepted), positions[name]):
+                into.extend([0] * (len(count) - len(into)))
+                for j, c in enumerate(count):
+                    into[j] += c
     plain_seconds = totals["plain"][0]
     return [EvaluationRow(name, (accepted / drafted if drafted else 0.0) if name != "plain" else None,
                           tokens / passes if passes else 0.0, seconds,
-                          plain_seconds / seconds if seconds else 0.0, identical[name])
+                          plain_seconds / seconds if seconds else 0.0, identical[name],
+                          [a / d for d, a in zip(*positions[name]) if d])
             for name, (seconds, drafted, accepted, tokens, passes) in totals.items()]
 
 
 def format_table(rows: list[EvaluationRow]) -> str:
-    lines = ["| drafter | acceptance | mean accepted length | time (s) | speedup vs plain | identical to plain |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| drafter | acceptance | by draft position | mean accepted length | time (s) | speedup vs plain "
+             "| identical to plain |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         acceptance = "-" if r.acceptance_rate is None else f"{r.acceptance_rate:.0%}"
-        lines.append(f"| {r.name} | {acceptance} | {r.mean_accepted_length:.2f} | {r.seconds:.2f} | "
+        by_position = " ".join(f"{a:.0%}" for a in r.per_position_acceptance[:8]) or "-"
+        lines.append(f"| {r.name} | {acceptance} | {by_position} | {r.mean_accepted_length:.2f} | {r.seconds:.2f} | "
                      f"{r.speedup:.2f}x | {'yes' if r.identical_to_plain else 'NO'} |")
     return "\n".join(lines)

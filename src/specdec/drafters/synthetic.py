@@ -37,6 +37,14 @@ class SyntheticDrafter(SteppedDrafter):
         if self.cost_drafter is not None:
             self.cost_drafter.release()
 
+    def share_context(self, target, target_cache) -> None:
+        if self.cost_drafter is not None:  # a feature head reads the target's features
+            self.cost_drafter.share_context(target, target_cache)
+
+    @property
+    def reads_target_cache(self) -> bool:
+        return self.cost_drafter is not None and self.cost_drafter.reads_target_cache
+
     def observe(self, num_accepted: int) -> None:
         if self.cost_drafter is not None:
             self.cost_drafter.observe(num_accepted)
