@@ -123,6 +123,40 @@ def median_generation(target, make_drafter, prompt, new_tokens, k, repeats: int,
     return runs[len(runs) // 2]
 
 
+def speculative_row(target, make_drafter, prompt, plain, new_tokens, alpha, k, repeats, t_costs,
+                    draft_step_s) -> dict:
+    """One (alpha, k) point: speculative runs, each paired with a plain run just before it, pooled.
+
+    Plain and speculative runs alternate, and each speculative run is set against the plain run
+    just before it: a shared machine's drift (its host CPU most of all: the speculative loop does
+    more host work per token than chained plain decoding) then falls on both sides of each ratio.
+    The speedup is pooled over the runs (total plain time over total speculative time), each run
+    with its own draws, so that it estimates the expectation the ideal is."""
+    plain_t = elapsed = 0.0
+    tokens = passes = accepted = drafted = 0
+    identical = True
+    for _ in range(repeats):
+        plain_t += timed_generation(target, None, prompt, new_tokens, 0)[0]
+        t, run = timed_generation(target, make_drafter(), prompt, new_tokens, k)
+        elapsed += t
+        tokens += run.stats.generated_tokens
+        passes += run.stats.target_forward_passes
+        accepted += run.stats.accepted_tokens
+        drafted += run.stats.drafted_tokens
+        identical &= run.token_ids == plain.token_ids
+    expected_len = sum(alpha ** i for i in range(k + 1))
+    verify = t_costs.get(k + 1) or step_costs(target, prompt, sizes=(k + 1,))[k + 1]
+    per_step = t_costs[1] / (verify + k * draft_step_s)
+    speedup = plain_t / elapsed
+    return {"alpha": alpha, "k": k, "speedup": speedup, "ideal": expected_len * per_step,
+            "of_ideal": speedup / (expected_len * per_step),
+            # the same against the acceptance the runs drew rather than alpha's expectation
+            "of_ideal_at_drawn_acceptance": speedup / (tokens / passes * per_step),
+            "tok_s": repeats * new_tokens / elapsed, "acceptance": accepted / drafted,
+            "mean_accepted_length": tokens / passes, "expected_length": expected_len, "runs": repeats,
+            "identical_to_plain": identical}
+
+
 def step_costs(model, prompt: list[int], sizes=(1, 2, 3, 5, 7, 9)) -> dict[int, float]:
     """Median seconds of one forward feeding n tokens after the prompt (graph replays)."""
     cache = model.new_cache()
@@ -259,35 +293,8 @@ def main() -> None:
             seeds = iter(range(1000 * k, 1000 * k + 100))
             make = lambda: SyntheticDrafter(ModelDrafter(draft), reference, alpha, vocab, seed=next(seeds))  # noqa: E731
             timed_generation(target, make(), prompt, 16, k)  # captures the (k+1)-token graph
-            # Plain and speculative runs alternate, and each speculative run is set against the
-            # plain run just before it: a shared machine's drift (its host CPU most of all: the
-            # speculative loop does more host work per token than chained plain decoding) then
-            # falls on both sides of each ratio.
-            # The speedup is pooled over the runs (total plain time over total speculative time),
-            # each run with its own draws, so that it estimates the expectation the ideal is.
-            plain_t = elapsed = 0.0
-            tokens = passes = accepted = drafted = 0
-            identical = True
-            for _ in range(args.repeats):
-                plain_t += timed_generation(target, None, prompt, new_tokens, 0)[0]
-                t, out = timed_generation(target, make(), prompt, new_tokens, k)
-                elapsed += t
-                tokens += out.stats.generated_tokens
-                passes += out.stats.target_forward_passes
-                accepted += out.stats.accepted_tokens
-                drafted += out.stats.drafted_tokens
-                identical &= out.token_ids == plain.token_ids
-            expected_len = sum(alpha ** i for i in range(k + 1))
-            verify = t_costs.get(k + 1) or step_costs(target, prompt, sizes=(k + 1,))[k + 1]
-            per_step = t_costs[1] / (verify + k * d_costs[1])
-            ideal = expected_len * per_step
-            speedup = plain_t / elapsed
-            rows.append({"alpha": alpha, "k": k, "speedup": speedup, "ideal": ideal, "of_ideal": speedup / ideal,
-                         # the same against the acceptance the runs drew rather than alpha's expectation
-                         "of_ideal_at_drawn_acceptance": speedup / (tokens / passes * per_step),
-                         "tok_s": args.repeats * new_tokens / elapsed, "acceptance": accepted / drafted,
-                         "mean_accepted_length": tokens / passes, "expected_length": expected_len,
-                         "runs": args.repeats, "identical_to_plain": identical})
+            rows.append(speculative_row(target, make, prompt, plain, new_tokens, alpha, k, args.repeats, t_costs,
+                                        d_costs[1]))
             print(rows[-1], flush=True)
     report["speculative"] = rows
 
@@ -354,30 +361,9 @@ def feature_rows(target, target_hf, prompt, reference, plain, t_costs, vocab, ne
             seeds = iter(range(1000 * k, 1000 * k + 100))
             make = lambda: SyntheticDrafter(FeatureDrafter(head), reference, alpha, vocab, seed=next(seeds))  # noqa: E731
             timed_generation(target, make(), prompt, 16, k)  # captures the head's and the verify's graphs
-            plain_t = elapsed = 0.0
-            tokens = passes = accepted = drafted = 0
-            identical = True
-            for _ in range(repeats):
-                plain_t += timed_generation(target, None, prompt, new_tokens, 0)[0]
-                t, run = timed_generation(target, make(), prompt, new_tokens, k)
-                elapsed += t
-                tokens += run.stats.generated_tokens
-                passes += run.stats.target_forward_passes
-                accepted += run.stats.accepted_tokens
-                drafted += run.stats.drafted_tokens
-                identical &= run.token_ids == plain.token_ids
-            expected_len = sum(alpha ** i for i in range(k + 1))
-            verify = t_costs.get(k + 1) or step_costs(target, prompt, sizes=(k + 1,))[k + 1]
-            per_step = t_costs[1] / (verify + k * head_step_s)
-            speedup = plain_t / elapsed
-            row = {"alpha": alpha, "k": k, "speedup": speedup, "ideal": expected_len * per_step,
-                   "of_ideal": speedup / (expected_len * per_step),
-                   "of_ideal_at_drawn_acceptance": speedup / (tokens / passes * per_step),
-                   "tok_s": repeats * new_tokens / elapsed, "acceptance": accepted / drafted,
-                   "mean_accepted_length": tokens / passes, "expected_length": expected_len, "runs": repeats,
-                   "identical_to_plain": identical}
-            out["rows"].append(row)
-            print(row, flush=True)
+            out["rows"].append(speculative_row(target, make, prompt, plain, new_tokens, alpha, k, repeats, t_costs,
+                                               head_step_s))
+            print(out["rows"][-1], flush=True)
     return out
 
 

@@ -26,6 +26,18 @@
 #     --checkpoint-every 250
 # (the target's generations took 192 s, training 302 s). The same session trained
 # --layers 10 --shared-layers 6 (298 s); the CPU benchmark chose the 12-layer draft.
+#
+# The shipped feature head (src/specdec/drafts/gemma-3-270m-feature) was made on 2026-12-04 on an
+# H200 the same way: build/x00..x06 one call each, then build/x07 (part 07 and tokenizer/) with
+# build/xfer (data/: the four ../shared/data files; pylib/; gguf.sha256) carried by the call
+#   scripts/gpu_distill.sh train --method feature --tokenizer build/keep/tokenizer \
+#     --data builtin:python-docs,builtin:python-source,build/xfer/data --max-tokens 2000000 \
+#     --draft-vocab 16384 --steps 2000 --batch-size 32 --seq-len 256 --lr 1e-3 --depth 3 \
+#     --generated-tokens 1000000 --storage int8 --device cuda --checkpoint-every 250
+# (368 s in all: 2000 steps took 75 s; the features of 11k sequences most of the rest). A second
+# run adding --unconditional-tokens 2000000 (the target's text from BOS alone: prose the corpus
+# lacks) spent its 570 s generating and reading 16k sequences' features (65 a second) and was cut
+# off before training; with --resume a second call trains from the kept features.
 set -euo pipefail
 keep=build/keep
 mkdir -p "$keep"
@@ -44,7 +56,8 @@ timeout "${DISTILL_SECONDS:-540}" python3 -c 'import sys; from specdec.cli impor
     distill --target "$keep/gemma.gguf" --data build/xfer/data --out "$keep/draft" \
     --generated-cache "$keep/generated.pt" --eval-prompts 0 --resume "$@" 2>&1 \
     | tr '\r' '\n' | awk '!/%\|/ || NR % 40 == 0' | tail -80 || status=$?
-[ -f "$keep/draft/specdec_draft.json" ] && [ ! -f "$keep/draft/checkpoint.pt" ] || { echo "not finished: call again"; exit 1; }
+[ -f "$keep/draft/specdec_draft.json" ] && [ ! -f "$keep/draft/checkpoint.pt" ] && [ ! -f "$keep/draft/feature_checkpoint.pt" ] \
+    || { echo "not finished: call again"; exit 1; }
 python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))["training"], indent=1))' \
     "$keep/draft/specdec_draft.json"
 mkdir -p "$OUT/draft"

@@ -55,6 +55,8 @@ def load(
     backend = resolve_backend(backend, target, resolved_device, drafter)
     if drafter is None:
         drafter = default_drafter(draft, backend, resolved_device)
+    if drafter in ("feature", "ngram+feature") and draft is None:
+        draft = _shipped_feature_head(target)
     uses_draft = drafter in ("model", "ngram+model", "feature", "ngram+feature")
     if uses_draft and draft is None:
         raise SpecDecError(f"drafter {drafter!r} needs a draft model (draft=... / --draft)")
@@ -89,6 +91,23 @@ def load(
     if draft is not None and is_feature_head(draft):
         draft_model = load_feature_head(draft, target_model, loaded_target.tokenizer)
     return Engine(target_model, loaded_target.tokenizer, drafter, draft_model)
+
+
+def feature_head_for(engine: Engine, target: str | os.PathLike | None):
+    """The engine's feature head, else the one shipped for `target`, on the engine's target."""
+    if getattr(engine.draft_model, "reads_features", False):
+        return engine.draft_model
+    return load_feature_head(_shipped_draft_path(_shipped_feature_head(target)), engine.target, engine.tokenizer)
+
+
+def _shipped_feature_head(target) -> str:
+    from .loading.registry import shipped_feature_head
+
+    shipped = shipped_feature_head(target)
+    if shipped is None:
+        raise SpecDecError(f"no feature head ships for target {target!r}: train one with "
+                           "specdec distill --method feature, and name it with --draft")
+    return shipped.name
 
 
 def _shipped_draft_path(draft):

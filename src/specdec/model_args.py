@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-DRAFTER_HELP = ("how drafts are made: a draft model, a cheaper copy of the target (self), prompt lookup (ngram), "
-                "lookup else a model (ngram+model, ngram+self), or none (default: model with --draft, else "
+DRAFTER_HELP = ("how drafts are made: a draft model, a cheaper copy of the target (self), a feature head on the "
+                "target's hidden states (feature: --draft DIR from distill --method feature, else the one shipped "
+                "for the target), prompt lookup (ngram), lookup else one of those (ngram+model, ngram+self, "
+                "ngram+feature), or none (default: model with --draft, feature with a feature head, else "
                 "ngram+self with the torch backend on CPU, else ngram)")
 
 

@@ -261,6 +261,14 @@ def test_metrics_parse_and_match_what_was_served(server, client):
     drafted = _metric(server, "specdec_drafted_tokens_total")
     accepted = _metric(server, "specdec_accepted_tokens_total")
     assert abs(_metric(server, "specdec_acceptance_rate") - (accepted / drafted if drafted else 0)) < 1e-9
+    # by draft position: position 1 counts every step that drafted; the positions sum to the totals
+    by_position = {(s.name, s.labels["position"]): s.value for name in ("specdec_drafted_tokens_by_position",
+                                                                      "specdec_accepted_tokens_by_position")
+                   for s in families[name].samples if s.name.endswith("_total")}
+    assert sum(v for (n, _), v in by_position.items() if n.startswith("specdec_drafted")) == drafted
+    assert sum(v for (n, _), v in by_position.items() if n.startswith("specdec_accepted")) == accepted
+    drafted_at = {int(p): v for (n, p), v in by_position.items() if n.startswith("specdec_drafted")}
+    assert drafted and all(drafted_at[p] >= drafted_at.get(p + 1, 0) for p in drafted_at)
 
 
 def test_api_key_required_when_configured(tiny_model_dir):

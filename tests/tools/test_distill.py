@@ -251,3 +251,78 @@ def test_distilling_with_shared_layers_trains_only_the_rest_and_stays_lossless(t
         out_tokens = engine.generate(prompt, max_new_tokens=24, num_draft_tokens=3)
         assert out_tokens.token_ids == plain.generate(prompt, max_new_tokens=24).token_ids
         assert out_tokens.stats.drafted_tokens > 0
+
+
+# ---- distill --method feature: a feature head on the target's hidden states -------------------
+
+@pytest.fixture(scope="module")
+def feature_head_dir(target_dir, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("feature-head")
+    code = main(["distill", "--method", "feature", "--target", str(target_dir), "--data", str(data_file),
+                 "--out", str(out), "--draft-vocab", "300", "--steps", "80", "--batch-size", "8", "--seq-len", "64",
+                 "--lr", "3e-3", "--device", "cpu", "--eval-prompts", "3", "--eval-tokens", "24"])
+    assert code == 0
+    return out
+
+
+def test_feature_training_lowers_the_loss_and_its_head_is_accepted(feature_head_dir):
+    meta = json.loads((feature_head_dir / "specdec_draft.json").read_text())
+    assert meta["kind"] == "feature"
+    assert meta["training"]["last_loss"] < 0.5 * meta["training"]["first_loss"]
+    rows = {r["name"]: r for r in json.loads((feature_head_dir / "evaluation.json").read_text())["rows"]}
+    assert rows["feature head"]["acceptance_rate"] > 0.3
+    assert rows["feature head"]["per_position_acceptance"][0] > 0.3
+    assert all(r["identical_to_plain"] for r in rows.values())
+    names = {p.name for p in feature_head_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "token_map.json", "specdec_draft.json"} <= names
+    assert not names & {"feature_checkpoint.pt", "features.pt"}  # only what the head needs stays
+
+
+@pytest.mark.parametrize("num_draft_tokens", [2, None])
+def test_a_feature_head_loads_through_the_api_and_stays_lossless(target_dir, feature_head_dir, num_draft_tokens):
+    engine = specdec.load(target=str(target_dir), draft=str(feature_head_dir), device="cpu")
+    assert engine.drafter_name == "feature"  # a feature head named as the draft picks its drafter
+    plain = engine.with_drafter("none")
+    drafted = 0
+    for prompt in ["the quick", "def add(", "tokens are"]:
+        out = engine.generate(prompt, max_new_tokens=30, num_draft_tokens=num_draft_tokens)
+        assert out.token_ids == plain.generate(prompt, max_new_tokens=30).token_ids
+        drafted += out.stats.drafted_tokens
+    assert drafted > 0
+
+
+def test_feature_training_resumes_from_its_checkpoint(target_dir, data_file, tmp_path):
+    from specdec.distill import feature_training
+
+    args = ["distill", "--method", "feature", "--target", str(target_dir), "--data", str(data_file),
+            "--out", str(tmp_path), "--draft-vocab", "300", "--seq-len", "64", "--device", "cpu",
+            "--eval-prompts", "0", "--checkpoint-every", "3", "--steps", "6"]
+    original = feature_training._checkpoint
+
+    def checkpoint_then_stop(*a, **k):
+        original(*a, **k)
+        raise KeyboardInterrupt
+
+    feature_training._checkpoint = checkpoint_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_uncaught(args)
+    finally:
+        feature_training._checkpoint = original
+    assert (tmp_path / "feature_checkpoint.pt").exists() and (tmp_path / "features.pt").exists()
+    assert main([*args, "--resume"]) == 0
+    meta = json.loads((tmp_path / "specdec_draft.json").read_text())
+    assert meta["training"]["steps"] == 6
+    assert not (tmp_path / "feature_checkpoint.pt").exists()
+
+
+def test_a_feature_head_for_another_target_is_refused(feature_head_dir, tmp_path):
+    other = llama(seed=3, vocab=500, layers=2, dtype=torch.float32)
+    other.save_pretrained(tmp_path)
+    with pytest.raises(VocabularyMismatchError, match="another target"):
+        specdec.load(target=str(tmp_path), draft=str(feature_head_dir), device="cpu")
+
+
+def test_a_feature_head_on_a_backend_without_features_is_refused(target_dir, feature_head_dir):
+    with pytest.raises(SpecDecError, match="hidden states"):
+        specdec.load(target=str(target_dir), draft=str(feature_head_dir), device="cpu", compact_target=False)

@@ -67,6 +67,12 @@ class ExposesFeatures(ABC):
         """Features [end - start, feature_size] of positions start..end-1, read since keep_features."""
         return cache.feature_log.read(start, end)
 
+    def take_features(self, cache: Any, start: int, end: int) -> torch.Tensor:
+        """`features`, after which the positions before `end` are not kept (a drafter's reads go forward)."""
+        rows = cache.feature_log.read(start, end)
+        cache.feature_log.forget_before(end)
+        return rows
+
     @abstractmethod
     def input_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[n, feature_size] float32: the embeddings the first layer reads (with any input scale)."""

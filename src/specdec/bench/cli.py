@@ -57,7 +57,7 @@ def add_bench_parser(sub) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from ..api import load, resolve_backend
+    from ..api import feature_head_for, load, resolve_backend
     from ..backends.graph_decoder import graph_decoder_for
     from ..draft_models.self_draft import self_draft_for
     from ..loading.loader import resolve_device
@@ -73,7 +73,7 @@ def _bench(args: argparse.Namespace) -> int:
     drafters = _parse_drafters(args.drafter, args.draft)
     backend = resolve_backend(args.backend, args.target, resolve_device(args.device),
                               "self" if any("self" in d for d in drafters) else None)
-    engine = load(target=args.target, draft=args.draft, drafter="model" if args.draft else "ngram",
+    engine = load(target=args.target, draft=args.draft, drafter=None if args.draft else "ngram",
                   device=args.device, dtype=args.dtype, backend=backend, cuda_graphs=args.cuda_graphs,
                   compact_target=args.compact_target)
     self_draft = None
@@ -82,14 +82,19 @@ def _bench(args: argparse.Namespace) -> int:
         if args.cuda_graphs:
             self_draft = graph_decoder_for(self_draft)
 
+    feature_head = feature_head_for(engine, args.target) if any("feature" in d for d in drafters) else None
+
+    def variant_of(drafter: str):
+        draft = self_draft if "self" in drafter else feature_head if "feature" in drafter else None
+        return engine.with_drafter(drafter, draft)
+
     if args.soak is not None:
-        return _bench_soak(args, engine.with_drafter(drafters[0], self_draft if "self" in drafters[0] else None))
+        return _bench_soak(args, variant_of(drafters[0]))
     if args.serve:
-        variants = [(d, engine.with_drafter(d, self_draft if "self" in d else None)) for d in drafters]
-        return _bench_serving(args, engine, variants, prompts)
+        return _bench_serving(args, engine, [(d, variant_of(d)) for d in drafters], prompts)
     runs = [SpecdecRun(BASELINE, engine.with_drafter("none"), 0, kind="baseline")]
     for drafter in drafters:
-        variant = engine.with_drafter(drafter, self_draft if "self" in drafter else None)
+        variant = variant_of(drafter)
         for k in ks:
             suffix = "" if len(ks) == 1 else f" k={'adaptive' if k is None else k}"
             runs.append(SpecdecRun(f"specdec-{drafter}{suffix}", variant, k))
@@ -98,7 +103,8 @@ def _bench(args: argparse.Namespace) -> int:
         if "ngram" in drafters:
             lookup = ks[0] if len(ks) == 1 and ks[0] else HF_PROMPT_LOOKUP_TOKENS
             runs.append(HFGenerateRun("hf-prompt-lookup", engine, prompt_lookup_tokens=lookup))
-        if args.draft and isinstance(getattr(engine.draft_model, "model", None), nn.Module):
+        if (args.draft and isinstance(getattr(engine.draft_model, "model", None), nn.Module)
+                and not getattr(engine.draft_model, "reads_features", False)):
             # a distilled draft shares the target's embedding: it is no standalone assistant model
             runs.append(HFGenerateRun("hf-assisted", engine, assistant=True))
     if not args.no_peers and backend == "llama.cpp":  # the engine a CPU user would otherwise pick

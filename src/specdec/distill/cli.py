@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
@@ -40,6 +39,8 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, help="use at most this many tokens of the data")
     p.add_argument("--generated-tokens", type=int, default=0, metavar="N",
                    help="also train on about N tokens of the target's own sampled continuations (default: 0)")
+    p.add_argument("--unconditional-tokens", type=int, default=0, metavar="N",
+                   help="feature: also train on about N tokens the target writes from BOS alone (default: 0)")
     p.add_argument("--generation-temperature", type=float, default=0.8)
     p.add_argument("--generation-batch-size", type=int, help="sequences generated at once (default: 512 on GPU, 8 on CPU)")
     p.add_argument("--generated-cache", metavar="FILE",
@@ -143,11 +144,8 @@ def _distill(args: argparse.Namespace) -> int:
     result = distil(target.model, identity, sequences, out, config, token_map, resume=args.resume, details=details)
     log.info("trained %d steps on %d tokens in %.0f s; loss %.3f -> %.3f; draft saved in %s", result.steps,
              result.tokens, result.seconds, result.first_loss, result.last_loss, out)
-    if args.eval_prompts <= 0:
-        return 0
-    prompts = held_out_prompts(corpus.held_out_documents, args.eval_prompts, prompt_tokens=64)
+    prompts = held_out_prompts(corpus.held_out_documents, args.eval_prompts)
     if not prompts:
-        print("no held-out document is long enough to evaluate on; skipped", file=sys.stderr)
         return 0
     trained = load_distilled_draft(out, target, tokenizer)
     with tempfile.TemporaryDirectory(prefix="specdec-untrained-") as untrained_dir:

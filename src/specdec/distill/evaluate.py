@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +26,13 @@ class EvaluationRow:
         return self.__dict__.copy()
 
 
-def held_out_prompts(documents: list[list[int]], count: int, prompt_tokens: int) -> list[list[int]]:
-    """The opening `prompt_tokens` of up to `count` held-out documents (those long enough)."""
-    return [d[:prompt_tokens] for d in documents if len(d) >= prompt_tokens // 2][:count]
+def held_out_prompts(documents: list[list[int]], count: int, prompt_tokens: int = 64) -> list[list[int]]:
+    """The opening `prompt_tokens` of up to `count` held-out documents (those long enough); says
+    so on stderr when none is."""
+    prompts = [d[:prompt_tokens] for d in documents if len(d) >= prompt_tokens // 2][:count]
+    if count > 0 and not prompts:
+        print("no held-out document is long enough to evaluate on; skipped", file=sys.stderr)
+    return prompts
 
 
 def evaluate(target: CausalLM, tokenizer: Any, drafts: dict[str, tuple[str, CausalLM | None]],

@@ -83,13 +83,19 @@ def train_feature_head(target: CausalLM, sequences: torch.Tensor, features: torc
                        details: dict[str, Any], resume: bool = False) -> FeatureTrainingResult:
     """Train on `sequences` [n, seq_len] and their target `features` [n, seq_len, h]; save in `out`."""
     torch.manual_seed(config.seed)
-    head = FeatureHead(one_layer_config(target_text_config(target))).float().train()
-    head_rows = target.head_rows(token_map).float().cpu()
+    device = target.device  # llama.cpp's: the CPU
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    head = FeatureHead(one_layer_config(target_text_config(target))).float().to(device).train()
+    # (clones: a backend may hand out inference-mode tensors, which autograd must not see)
+    head_rows = target.head_rows(token_map.to(device)).float().to(device).clone()
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
     start_step = 0
     checkpoint_path = out / CHECKPOINT_FILE
+    first_loss = None
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=True)
+        first_loss = state.get("first_loss")
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
@@ -106,12 +112,13 @@ def train_feature_head(target: CausalLM, sequences: torch.Tensor, features: torc
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * schedule(step)
         rows = torch.randint(sequences.shape[0], (config.batch_size,), generator=generator)
-        tokens, feats = sequences[rows], features[rows].float()
+        tokens, feats = sequences[rows].to(device), features[rows].to(device).float()
         batch, length = tokens.shape
-        embeddings = target.input_embeddings(tokens[:, 1:].reshape(-1)).float().cpu().view(batch, length - 1, -1)
+        embeddings = target.input_embeddings(tokens[:, 1:].reshape(-1)).float().to(device)
+        embeddings = embeddings.view(batch, length - 1, -1).clone()
         inputs, wanted = feats[:, :-1], feats[:, 1:]
         teacher = teacher_of(wanted, head_rows)
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device)
         agreement = []
         for depth in range(config.depth):
             predicted = head(embeddings, inputs)  # [:, i] predicts f_{i+1}
@@ -124,21 +131,32 @@ def train_feature_head(target: CausalLM, sequences: torch.Tensor, features: torc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         agreements.append(agreement)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", top1="/".join(f"{a:.2f}" for a in agreement))
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:
-            torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": done},
-                       checkpoint_path)
+            _checkpoint(checkpoint_path, {"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "step": done, "first_loss": first_loss if first_loss is not None else losses[0]})
     bar.close()
     recent = agreements[-50:]
     mean_agreement = [sum(a[d] for a in recent) / len(recent) for d in range(config.depth)] if recent else []
+    if first_loss is None and losses:
+        first_loss = losses[0]
     save_feature_head(out, head.eval(), token_map, identity,
-                      {**details, "steps": config.steps, "depth": config.depth,
-                       "train_top1_agreement_per_depth": [round(a, 4) for a in mean_agreement]},
+                      {**details, "training": {"steps": config.steps, "depth": config.depth,
+                                               "batch_size": config.batch_size, "first_loss": first_loss,
+                                               "last_loss": losses[-1] if losses else None,
+                                               "top1_agreement_per_depth": [round(a, 4) for a in mean_agreement]}},
                       storage=config.storage)
+    checkpoint_path.unlink(missing_ok=True)  # the head is saved: nothing left to resume
     return FeatureTrainingResult(config.steps - start_step, time.perf_counter() - started,
-                                 losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
-                                 mean_agreement)
+                                 first_loss if first_loss is not None else float("nan"),
+                                 losses[-1] if losses else float("nan"), mean_agreement)
+
+
+def _checkpoint(path: Path, state: dict[str, Any]) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    torch.save(state, staging)
+    staging.replace(path)  # a run stopped mid-write leaves the last whole checkpoint

@@ -29,3 +29,22 @@ def target_continuations(target: nn.Module, sequences: torch.Tensor, tokens: int
                                     min_new_tokens=new_per_row, pad_token_id=0)
         out.append(generated[:, :seq_len].cpu())
     return torch.cat(out)
+
+
+@torch.inference_mode()
+def unconditional_generations(target: nn.Module, bos: int, seq_len: int, tokens: int, temperature: float = 0.8,
+                              batch_size: int = 64, seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """About `tokens` tokens of text the target writes from its BOS token alone: its own
+    distribution over topics and registers (stories, essays, lists), which a corpus of docs and
+    code lacks. Rows of `seq_len` tokens, each starting with BOS."""
+    rows = max(1, -(-tokens // (seq_len - 1)))
+    device = target.get_input_embeddings().weight.device
+    torch.manual_seed(seed + 1)
+    out = []
+    for start in tqdm(range(0, rows, batch_size), desc="target text from BOS", unit="batch", disable=not progress):
+        prompts = torch.full((min(batch_size, rows - start), 1), bos, dtype=torch.long, device=device)
+        generated = target.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                    temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                    min_new_tokens=seq_len - 1, pad_token_id=0)
+        out.append(generated[:, :seq_len].cpu())
+    return torch.cat(out)

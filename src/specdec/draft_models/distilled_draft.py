@@ -127,16 +127,8 @@ def save_draft(directory: Path, draft: nn.Module, token_map: torch.Tensor, ident
         raise ValueError(f"unknown draft storage {storage!r}: choose one of {', '.join(STORAGE)}")
     directory.mkdir(parents=True, exist_ok=True)
     prefix = draft.base_model_prefix
-    weights: dict[str, torch.Tensor] = {}
-    for name, tensor in trained_state(draft, shared_layers).items():
-        tensor = tensor.detach().to("cpu", torch.float32)
-        if storage == "int8" and tensor.dim() == 2:
-            scale = tensor.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-            weights[f"{prefix}.{name}"] = torch.round(tensor / scale).to(torch.int8).contiguous()
-            weights[f"{prefix}.{name}{SCALE_SUFFIX}"] = scale.squeeze(1).contiguous()
-        else:
-            weights[f"{prefix}.{name}"] = tensor.to(torch.bfloat16).contiguous()
-    save_file(weights, str(directory / WEIGHTS_FILE))
+    state = {f"{prefix}.{name}": tensor for name, tensor in trained_state(draft, shared_layers).items()}
+    save_file(stored_weights(state, storage), str(directory / WEIGHTS_FILE))
     draft.config.save_pretrained(directory)
     (directory / TOKEN_MAP_FILE).write_text(json.dumps(token_map.tolist()))
     meta = {"format": FORMAT, "kind": "distilled", "target": identity.__dict__, "token_map_size": len(token_map),
@@ -146,6 +138,21 @@ def save_draft(directory: Path, draft: nn.Module, token_map: torch.Tensor, ident
         meta["shared_layer_fingerprints"] = [layer_fingerprint(layer)
                                              for layer in body_of(draft).layers[:shared_layers]]
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def stored_weights(state: dict[str, torch.Tensor], storage: str) -> dict[str, torch.Tensor]:
+    """Tensors as a draft directory stores them: bfloat16, or (storage "int8") matrices as int8
+    rows with a float scale each under NAME + SCALE_SUFFIX (`_dequantized` reverses it)."""
+    weights: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().to("cpu", torch.float32)
+        if storage == "int8" and tensor.dim() == 2:
+            scale = tensor.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+            weights[name] = torch.round(tensor / scale).to(torch.int8).contiguous()
+            weights[name + SCALE_SUFFIX] = scale.squeeze(1).contiguous()
+        else:
+            weights[name] = tensor.to(torch.bfloat16).contiguous()
+    return weights
 
 
 def load_distilled_draft(directory: str | Path, target: HFCausalLM, tokenizer: Any | None,

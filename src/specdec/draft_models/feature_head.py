@@ -34,13 +34,13 @@ from ..backends.step_graphs import GRAPH_MAX_TOKENS
 from ..errors import ModelLoadError, SpecDecError, VocabularyMismatchError
 from .distilled_draft import (
     META_FILE,
-    SCALE_SUFFIX,
     TOKEN_MAP_FILE,
     WEIGHTS_FILE,
     _dequantized,
     _empty_module,
     _read_token_map,
     body_of,
+    stored_weights,
 )
 
 FORMAT = 1
@@ -122,16 +122,7 @@ def save_feature_head(directory: Path, head: FeatureHead, token_map: torch.Tenso
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    weights: dict[str, torch.Tensor] = {}
-    for name, tensor in head.trained_state().items():
-        tensor = tensor.detach().to("cpu", torch.float32)
-        if storage == "int8" and tensor.dim() == 2:
-            scale = tensor.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-            weights[name] = torch.round(tensor / scale).to(torch.int8).contiguous()
-            weights[name + SCALE_SUFFIX] = scale.squeeze(1).contiguous()
-        else:
-            weights[name] = tensor.to(torch.bfloat16).contiguous()
-    save_file(weights, str(directory / WEIGHTS_FILE))
+    save_file(stored_weights(head.trained_state(), storage), str(directory / WEIGHTS_FILE))
     head.model.config.save_pretrained(directory)
     (directory / TOKEN_MAP_FILE).write_text(json.dumps(token_map.tolist()))
     meta = {"format": FORMAT, "kind": KIND, "target": identity, "token_map_size": len(token_map), **details}
@@ -176,11 +167,13 @@ def read_feature_head(directory: str | Path) -> tuple[FeatureHead, torch.Tensor,
 
 def load_feature_head(directory: str | Path, target: CausalLM, tokenizer: Any | None,
                       int8: bool | None = None) -> "FeatureDecoder":
-    """The head in `directory` on `target`'s embedding and head rows, on the compact decoder.
-    int8: weight-only int8 products (default: on CPU, where a step reads each weight once)."""
-    if not isinstance(target, ExposesFeatures):
+    """The head in `directory` on `target`'s embedding and head rows: on the graph decoder beside
+    a GPU target, else on the compact decoder. int8: weight-only int8 products there (default: on
+    CPU, where a step reads each weight once)."""
+    if not isinstance(target, ExposesFeatures) or not getattr(target, "feature_size", 0):
         raise SpecDecError(f"target {target.name!r} does not expose its hidden states on this backend, which a "
-                           "feature head needs (llama.cpp: only where its split head applies)")
+                           "feature head needs (torch: the compact decoder on CPU or the graph path on GPU; "
+                           "llama.cpp: only where its split head applies)")
     head, token_map, meta = read_feature_head(directory)
     check_identity(Path(directory), meta["target"], target_identity(target, tokenizer))
     if int(target.feature_size) != int(head.fc.out_features):

@@ -50,8 +50,7 @@ class FeatureDrafter(ModelDrafter):
         # Entries held: those of positions the target verified; the target's cache holds every
         # position but the newest token's, so its features reach length - 2.
         held = self.model.cache_length(self.cache)
-        self.cache.features_in = self._target.features(self._target_cache, held, length - 1)
-        self._target_cache.feature_log.forget_before(length - 1)
+        self.cache.features_in = self._target.take_features(self._target_cache, held, length - 1)
         new_tokens = context[held + 1 :]
         logits = yield DraftFeed(self.model, new_tokens, self.cache)
         tokens, probs = [], []

@@ -93,17 +93,20 @@ REGISTRY: dict[str, NamedModel] = {
 DEFAULT_TARGET = "gemma-3-270m"
 
 
-# Drafts distilled by the project (specdec distill) and shipped inside the package, by name.
-# Each is a directory of draft_models/distilled_draft.py's format, tied to its target.
+# Drafts trained by the project (specdec distill) and shipped inside the package, by name.
+# Each is a directory of draft_models/distilled_draft.py's or feature_head.py's format, tied
+# to its target.
 @dataclass(frozen=True)
 class ShippedDraft:
     name: str
     target: str
     description: str
+    directory: str  # under src/specdec/drafts
+    kind: str = "distilled"  # or "feature": a feature head (drafters 'feature', 'ngram+feature')
 
     @property
     def path(self) -> Path:
-        return Path(__file__).resolve().parent.parent / "drafts" / self.target
+        return Path(__file__).resolve().parent.parent / "drafts" / self.directory
 
     def present(self) -> bool:
         return (self.path / "specdec_draft.json").is_file() and (self.path / "model.safetensors").is_file()
@@ -113,5 +116,17 @@ DRAFTS: dict[str, ShippedDraft] = {
     "gemma-3-270m-distilled": ShippedDraft(
         name="gemma-3-270m-distilled", target="gemma-3-270m",
         description="12-layer draft of Gemma 3 270M: its first 8 layers shared, 4 distilled (16k-token head, int8, 22 MB); see README, specdec distill",
+        directory="gemma-3-270m",
+    ),
+    "gemma-3-270m-feature": ShippedDraft(
+        name="gemma-3-270m-feature", target="gemma-3-270m", kind="feature", directory="gemma-3-270m-feature",
+        description="feature head of Gemma 3 270M: one layer on its hidden states (16k-token head, int8, 7 MB); "
+                    "drafters feature, ngram+feature; see specdec distill --method feature",
     ),
 }
+
+
+def shipped_feature_head(target: str | None) -> ShippedDraft | None:
+    """The shipped feature head for a target named by its short name (None: the default)."""
+    name = DEFAULT_TARGET if target is None else str(target)
+    return next((d for d in DRAFTS.values() if d.kind == "feature" and d.target == name), None)

@@ -19,6 +19,13 @@ class ServerMetrics:
         self.drafted_tokens = Counter("specdec_drafted_tokens", "Tokens proposed by the drafter", registry=r)
         self.accepted_tokens = Counter("specdec_accepted_tokens", "Drafted tokens accepted by the target", registry=r)
         self.target_passes = Counter("specdec_target_forward_passes", "Target verify/decode passes", registry=r)
+        # By draft position (1 = a step's first draft token): how deep drafts stay right.
+        self.drafted_by_position = Counter("specdec_drafted_tokens_by_position",
+                                           "Draft tokens proposed at each position of a step's draft", ["position"],
+                                           registry=r)
+        self.accepted_by_position = Counter("specdec_accepted_tokens_by_position",
+                                            "Draft tokens accepted at each position of a step's draft", ["position"],
+                                            registry=r)
         self.scheduler_faults = Counter("specdec_scheduler_faults",
                                         "Batch steps that failed outside any one request (their requests ended)",
                                         registry=r)
@@ -51,6 +58,9 @@ class ServerMetrics:
         self._drafted += stats.drafted_tokens
         self._accepted += stats.accepted_tokens
         self.target_passes.inc(stats.target_forward_passes)
+        for position, (drafted, accepted) in enumerate(zip(stats.per_position_drafted, stats.per_position_accepted), 1):
+            self.drafted_by_position.labels(str(position)).inc(drafted)
+            self.accepted_by_position.labels(str(position)).inc(accepted)
         self.request_latency.observe(latency_s)
 
     def _acceptance_rate(self) -> float:
