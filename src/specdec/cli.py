@@ -63,6 +63,18 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draft-tokens", type=_draft_tokens, default=None, metavar="K|adaptive",
                    help="tokens drafted per step; 0 = plain decoding (default: adaptive)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2..2 (default: 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2..2 (default: 0)")
+    p.add_argument("--logit-bias", action="append", default=[], type=_token_bias, metavar="ID:BIAS",
+                   help="add BIAS (-100..100) to token ID's logit (repeatable)")
+
+
+def _token_bias(value: str) -> tuple[int, float]:
+    token, _, bias = value.partition(":")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID:BIAS, got {value!r}") from None
 
 
 def _draft_tokens(value: str) -> int | None:
@@ -79,7 +91,8 @@ def sampling_params(args: argparse.Namespace):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, num_draft_tokens=args.num_draft_tokens,
-                          stop=tuple(args.stop))
+                          stop=tuple(args.stop), presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, logit_bias=tuple(args.logit_bias))
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

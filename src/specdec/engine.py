@@ -93,23 +93,27 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer, and this model has none", "stop")
         self._check_length(len(prompt_ids), params.max_new_tokens)
+        if params.logit_bias and params.logit_bias[-1][0] >= self.target.vocab_size:
+            raise InvalidRequestError(f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary "
+                                      f"of {self.target.vocab_size} tokens", "logit_bias")
         drafter = self._drafter_factory() if self._drafter_factory and params.num_draft_tokens != 0 else None
         return Generation(self.target, drafter, prompt_ids, params, self.tokenizer, self._relative_draft_cost(),
                           self._costs)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, num_draft_tokens: int | None = None,
-                 stop: str | Sequence[str] | None = None, logprobs: int | None = None) -> GenerationOutput:
-        """logprobs: report each output token's log probability and its `logprobs` most likely
-        alternatives (GenerationOutput.logprobs)."""
-        params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop, logprobs)
+                 stop: str | Sequence[str] | None = None, **options: Any) -> GenerationOutput:
+        """options: the rest of SamplingParams: logprobs=N reports each output token's log
+        probability and its N most likely alternatives (GenerationOutput.logprobs);
+        presence_penalty, frequency_penalty and logit_bias ({token id: bias}) as OpenAI's."""
+        params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop, **options)
         return self.start(prompt, params).run()
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, num_draft_tokens: int | None = None,
-               stop: str | Sequence[str] | None = None) -> Iterator[str]:
-        """Yield text deltas as the target accepts tokens."""
-        params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop)
+               stop: str | Sequence[str] | None = None, **options: Any) -> Iterator[str]:
+        """Yield text deltas as the target accepts tokens (options: as generate's)."""
+        params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop, **options)
         with self.start(prompt, params) as generation:  # a consumer that stops early frees the caches too
             while not generation.finished:
                 text = generation.step().text
@@ -179,11 +183,12 @@ class Engine:
             )
 
 
-def _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop,
-            logprobs=None) -> SamplingParams:
+def _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop, **options) -> SamplingParams:
     stop_tuple = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if options.get("logit_bias") is None:
+        options.pop("logit_bias", None)
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          seed=seed, num_draft_tokens=num_draft_tokens, stop=stop_tuple, logprobs=logprobs)
+                          seed=seed, num_draft_tokens=num_draft_tokens, stop=stop_tuple, **options)
 
 
 def _drafter_factory(name: str, target: CausalLM, draft_model: CausalLM | None) -> DrafterFactory | None:

@@ -23,6 +23,7 @@ from .acceptance import Verdict, verify_greedy, verify_sampled
 from .backends.base import CausalLM, ChainsGreedySteps, pinned
 from .draft_length import CostMemory, DraftLengthPolicy
 from .drafters.base import Drafter, DraftFeed, DraftProposal, ProposalSteps, empty_proposal, run_alone
+from .logit_processing import adjusted_logits, adjusts_logits
 from .logits import to_probs
 from .sampling_params import SamplingParams
 from .stats import DRAFT, TARGET, GenerationStats
@@ -110,7 +111,7 @@ class Generation:
         # Plain greedy decoding on a model that chains its steps on the device (GPU graphs).
         plain = drafter is None or params.num_draft_tokens == 0
         # (A chained step's logits stay on the device: log probabilities take the ordinary step.)
-        self._chained = (plain and params.greedy and params.logprobs is None
+        self._chained = (plain and params.greedy and params.logprobs is None and not adjusts_logits(params)
                          and isinstance(target, ChainsGreedySteps))
         self._chain = None
 
@@ -265,6 +266,9 @@ class Generation:
         return (yield from self.drafter.proposal_steps(self.tokens[: self.length], k, self.params, self.generator))
 
     def _accept(self, target_logits: torch.Tensor, proposal: DraftProposal) -> Verdict:
+        if adjusts_logits(self.params):  # penalties and biases, as plain decoding has them at each row
+            target_logits = adjusted_logits(target_logits, self.params,
+                                            self.tokens[self.prompt_length : self.length], proposal.tokens)
         if self.params.greedy:  # host drafts stay on the host: verify_greedy reads the target's picks once
             return verify_greedy(target_logits, proposal.tokens)
         draft_tokens = proposal.tokens.to(target_logits.device)

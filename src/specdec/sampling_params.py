@@ -12,6 +12,9 @@ MAX_NEW_TOKENS_LIMIT = 1_000_000
 MAX_DRAFT_TOKENS = 12
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256  # each; the text stream looks for every stop string after every step
+MAX_PENALTY = 2.0  # presence and frequency penalties, as OpenAI's API bounds them
+MAX_LOGIT_BIAS = 100.0  # per token, as OpenAI's API
+MAX_LOGIT_BIAS_TOKENS = 300
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,12 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     # None: no log probabilities; n >= 0: each output token's, with its n most likely alternatives.
     logprobs: int | None = None
+    # OpenAI's: subtracted from a token's logit once if it occurs in the output so far
+    # (presence), once per occurrence (frequency); logit_processing.py applies them.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias added to its logit) pairs; a dict {id: bias} is accepted too.
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
@@ -42,6 +51,13 @@ class SamplingParams:
             _check_int("num_draft_tokens", self.num_draft_tokens, 0, MAX_DRAFT_TOKENS)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise InvalidRequestError(f"{name} must be a number from -{MAX_PENALTY} to {MAX_PENALTY}, "
+                                          f"got {value!r}", name)
+            object.__setattr__(self, name, float(value))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
@@ -58,6 +74,28 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    pairs = list(value.items()) if isinstance(value, dict) else value
+    try:
+        pairs = [(token, bias) for token, bias in pairs]
+    except (TypeError, ValueError):
+        raise InvalidRequestError("logit_bias must map token ids to numbers", "logit_bias") from None
+    if len(pairs) > MAX_LOGIT_BIAS_TOKENS:
+        raise InvalidRequestError(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens", "logit_bias")
+    out: dict[int, float] = {}
+    for token, bias in pairs:
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise InvalidRequestError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}",
+                                      "logit_bias")
+        if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias values must be numbers from -100 to 100, got {bias!r}",
+                                      "logit_bias")
+        if token in out:
+            raise InvalidRequestError(f"logit_bias names token {token} twice", "logit_bias")
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 def _is_number(x: object) -> bool:

@@ -97,6 +97,9 @@ def test_chat_without_template_is_a_clear_error(engine):
     (["--prompt", "x", "--temperature", "-1"], "temperature"),
     (["--prompt", "x", "--top-p", "2"], "top_p"),
     (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["--prompt", "x", "--presence-penalty", "3"], "presence_penalty"),
+    (["--prompt", "x", "--logit-bias", "5:300"], "logit_bias"),
+    (["--prompt", "x", "--logit-bias", "five"], "TOKEN_ID:BIAS"),
     (["--prompt", "x", "--target", "/no/such/model"], "does not exist"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(argv, message, tiny_model_dir):

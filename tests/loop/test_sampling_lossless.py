@@ -8,6 +8,7 @@ tests check that steps did accept several drafts, not only one.
 """
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -46,7 +47,8 @@ def exact_law(model, params, prompt=PROMPT) -> torch.Tensor:
     law = torch.zeros(VOCAB**n, dtype=torch.float64)
 
     def extend(prefix: list[int], mass: float) -> None:
-        probs = to_probs(model.model(torch.tensor([prompt + prefix])).logits[0, -1:], params)[0].double()
+        logits = _adjusted(model.model(torch.tensor([prompt + prefix])).logits[0, -1:], params, prefix)
+        probs = to_probs(logits, params)[0].double()
         for token in torch.nonzero(probs).flatten().tolist():
             if len(prefix) + 1 == n:
                 law[_index(prefix + [token])] = mass * probs[token]
@@ -55,6 +57,16 @@ def exact_law(model, params, prompt=PROMPT) -> torch.Tensor:
 
     extend([], 1.0)
     return law
+
+
+def _adjusted(logits: torch.Tensor, params, history: list[int]) -> torch.Tensor:
+    """OpenAI's logit_bias and penalties over the output so far, one token at a time (the slow way)."""
+    logits = logits.clone()
+    for token, bias in params.logit_bias:
+        logits[0, token] += bias
+    for token in set(history):
+        logits[0, token] -= params.frequency_penalty * history.count(token) + params.presence_penalty
+    return logits
 
 
 def _index(tokens: list[int]) -> int:
@@ -69,8 +81,7 @@ def sample_counts(engine, params, n, seed0, prompt=PROMPT) -> tuple[torch.Tensor
     counts = torch.zeros(VOCAB**params.max_new_tokens)
     deepest = 0
     for i in range(n):
-        p = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
-                           top_p=params.top_p, seed=seed0 + i, num_draft_tokens=params.num_draft_tokens)
+        p = dataclasses.replace(params, seed=seed0 + i)
         out = engine.start(prompt, p).run()
         counts[_index(out.token_ids)] += 1
         deepest = max(deepest, _longest_draft_run(out.provenance))
@@ -201,3 +212,22 @@ def test_feature_head_sampling_follows_target_law():
     counts, deepest = sample_counts(Engine(target, drafter="feature", draft_model=head), params, 2000, seed0=5150)
     assert_fits(counts, exact_law(target, params))
     assert deepest == 2
+
+
+def test_penalties_and_biases_sampling_follows_the_adjusted_target_law(pair):
+    # Each verified position is adjusted for the drafts before it (logit_processing.py); the
+    # draft (the target's own weights) drafts unadjusted, so q differs from p where it counts.
+    from specdec.draft_models.self_draft import build_self_draft
+
+    target, _ = pair
+    params = SamplingParams(max_new_tokens=law_length(2), temperature=1.0, top_k=4, num_draft_tokens=2,
+                            presence_penalty=0.6, frequency_penalty=0.9, logit_bias={3: 1.5, 7: -2.0})
+    engine = Engine(target, drafter="model", draft_model=build_self_draft(target, "bfloat16"))
+    counts, deepest = sample_counts(engine, params, 2000, seed0=7100)
+    law = exact_law(target, params)
+    assert_fits(counts, law)
+    assert deepest == 2
+    unadjusted = exact_law(target, dataclasses.replace(params, presence_penalty=0.0, frequency_penalty=0.0,
+                                                       logit_bias=()))
+    df = chi2_statistic(counts, law)[1]
+    assert chi2_statistic((unadjusted * 2000).round(), law)[0] > chi2_critical(df, 1e-3)  # the test can tell

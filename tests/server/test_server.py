@@ -9,6 +9,8 @@ import time
 import httpx
 import openai
 import pytest
+
+import specdec
 from prometheus_client.parser import text_string_to_metric_families
 
 from server_util import running_server
@@ -90,10 +92,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * (2 << 20)}, 413, None),
     ("/v1/nothing", {}, 404, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": -3.0}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"five": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     # OpenAI fields this server does not do are refused by name, never silently ignored
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": -1.0}, 400, "frequency_penalty"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),
@@ -148,6 +152,17 @@ def test_openai_fields_at_their_inert_defaults_are_accepted(client):
                                           max_tokens=4, temperature=0, logprobs=False,
                                           response_format={"type": "text"}, tool_choice="none")
     assert chat.choices[0].message.content is not None
+
+
+def test_penalties_and_logit_bias_over_the_openai_client_act_as_in_the_engine(client, tiny_model_dir):
+    engine = specdec.load(target=str(tiny_model_dir), device="cpu")
+    settings = dict(presence_penalty=0.7, frequency_penalty=1.1)
+    served = client.completions.create(model=MODEL, prompt="the quick", max_tokens=16, temperature=0, **settings)
+    assert served.choices[0].text == engine.generate("the quick", max_new_tokens=16, **settings).text
+    token = engine.encode(" fox")[-1]
+    forced = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the quick"}],
+                                            max_tokens=5, temperature=0, logit_bias={str(token): 100})
+    assert forced.choices[0].message.content == engine.decode([token] * 5)
 
 
 def test_logprobs_with_speculation_over_the_openai_client(client):

@@ -92,7 +92,7 @@ def hang_up(base: str, times: int) -> int:
 
 HOSTILE = [
     b"{not json", b"[1, 2]", b'{"model": "faulty", "prompt": "\\ud800 lone"}',
-    b'{"model": "faulty", "prompt": "hi", "logit_bias": {"5": 100}}',
+    b'{"model": "faulty", "prompt": "hi", "logit_bias": {"5": 1000}}',
     b'{"model": "faulty", "prompt": "hi", "temperature": -1}',
     b'{"model": "faulty", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}',
     b'{"model": "faulty", "prompt": "hi", "surprise": 1}',

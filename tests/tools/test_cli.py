@@ -42,3 +42,17 @@ def test_chat_uses_the_template(tiny_model_dir):
     proc = run_cli("generate", "--target", str(tiny_model_dir), "--chat", "--prompt", "hello",
                    "--max-new-tokens", "8", "--json")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_generate_takes_penalties_and_logit_biases_as_the_api_does(tiny_model_dir):
+    import specdec
+
+    api = specdec.load(target=str(tiny_model_dir), device="cpu").generate(
+        "the quick", max_new_tokens=12, presence_penalty=0.5, frequency_penalty=1.0, logit_bias={7: 2.5})
+    proc = run_cli("generate", "--target", str(tiny_model_dir), "--prompt", "the quick", "--max-new-tokens", "12",
+                   "--presence-penalty", "0.5", "--frequency-penalty", "1.0", "--logit-bias", "7:2.5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["token_ids"] == api.token_ids
+    forced = run_cli("generate", "--target", str(tiny_model_dir), "--prompt", "the quick", "--max-new-tokens", "4",
+                     "--logit-bias", "11:100", "--json")
+    assert json.loads(forced.stdout)["token_ids"] == [11] * 4

@@ -217,7 +217,8 @@ def _sampling_params(body: protocol._Sampling, default_max_tokens: int) -> Sampl
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0, seed=body.seed, num_draft_tokens=body.num_draft_tokens, stop=stop,
-            logprobs=body.requested_logprobs())
+            logprobs=body.requested_logprobs(), presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0, logit_bias=body.token_biases())
     except InvalidRequestError as exc:
         raise _with_openai_field(exc) from None
 

@@ -40,13 +40,13 @@ class _Sampling(BaseModel):
     seed: int | None = None
     num_draft_tokens: int | None = None  # extension: 0 = plain decoding, None = adaptive
     user: str | None = None
-    # Accepted only at the value that changes nothing (below, `unsupported`): a request that
-    # asks for more is refused with a 400 that names the field.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string, as JSON keys are) -> bias
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
+    # Accepted only at the value that changes nothing (below, `unsupported`): a request that
+    # asks for more is refused with a 400 that names the field.
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -57,7 +57,6 @@ class _Sampling(BaseModel):
     def unsupported(self) -> str | None:
         """The first field set to something this server does not do, or None."""
         inert: dict[str, tuple] = {
-            "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
             "tools": (None, []),
             "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
             "response_format": (None, {"type": "text"}), **self._inert_extra(),
@@ -71,6 +70,15 @@ class _Sampling(BaseModel):
 
     def _inert_extra(self) -> dict[str, tuple]:
         return {}
+
+    def token_biases(self) -> dict[int, float]:
+        """logit_bias with its keys read as token ids."""
+        biases = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            biases[int(key)] = bias
+        return biases
 
     def requested_logprobs(self) -> int | None:
         """How many alternatives each token's log probability comes with; None: none asked."""
