@@ -42,6 +42,16 @@ class GenerationStats:
         for i in range(num_accepted):
             self.per_position_accepted[i] += 1
 
+    @classmethod
+    def of_choices(cls, stats: list["GenerationStats"]) -> "GenerationStats":
+        """One request's n choices together (its usage): the prompt once, every count summed."""
+        total = cls(prompt_tokens=stats[0].prompt_tokens)
+        for s in stats:
+            for name in ("generated_tokens", "drafted_tokens", "accepted_tokens", "target_forward_passes",
+                         "draft_forward_passes", "target_positions", "draft_positions"):
+                setattr(total, name, getattr(total, name) + getattr(s, name))
+        return total
+
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0

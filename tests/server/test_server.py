@@ -82,7 +82,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -0.5}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 17}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "fox " * 2000}, 400, "prompt"),
@@ -163,6 +164,48 @@ def test_penalties_and_logit_bias_over_the_openai_client_act_as_in_the_engine(cl
     forced = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the quick"}],
                                             max_tokens=5, temperature=0, logit_bias={str(token): 100})
     assert forced.choices[0].message.content == engine.decode([token] * 5)
+
+
+def test_n_choices_are_independent_sequences_over_the_openai_client(client):
+    single = client.completions.create(model=MODEL, prompt="the quick", max_tokens=10, temperature=0)
+    greedy = client.completions.create(model=MODEL, prompt="the quick", max_tokens=10, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert all(c.text == single.choices[0].text for c in greedy.choices)
+    assert greedy.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
+    messages = [{"role": "user", "content": "the lazy dog"}]
+    sampled = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=1.0, seed=5,
+                                             n=3)
+    for i, choice in enumerate(sampled.choices):  # choice i samples with seed + i, as alone
+        alone = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=1.0,
+                                               seed=5 + i)
+        assert choice.message.content == alone.choices[0].message.content
+    assert len({c.message.content for c in sampled.choices}) > 1
+    texts, usage = {0: "", 1: ""}, None
+    for chunk in client.completions.create(model=MODEL, prompt="the quick", max_tokens=12, temperature=1.0, seed=9,
+                                           n=2, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+        if chunk.usage is not None and not chunk.choices:
+            usage = chunk.usage
+    whole = client.completions.create(model=MODEL, prompt="the quick", max_tokens=12, temperature=1.0, seed=9, n=2)
+    assert [texts[0], texts[1]] == [c.text for c in whole.choices]
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_a_client_leaving_a_stream_of_n_choices_ends_every_choice(server):
+    before = _metric(server, "specdec_cancelled_requests_total")
+    body = {"model": MODEL, "prompt": "the quick", "max_tokens": 400, "temperature": 1.0, "n": 3, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", timeout=60, json=body) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i >= 3:
+                break
+    deadline = time.monotonic() + 10
+    while (_metric(server, "specdec_cancelled_requests_total") < before + 3
+           or httpx.get(f"{server}/health").json()["running"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(server, "specdec_cancelled_requests_total") == before + 3
+    assert httpx.get(f"{server}/health").json()["running"] == 0
 
 
 def test_logprobs_with_speculation_over_the_openai_client(client):

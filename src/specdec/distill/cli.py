@@ -40,7 +40,7 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--generated-tokens", type=int, default=0, metavar="N",
                    help="also train on about N tokens of the target's own sampled continuations (default: 0)")
     p.add_argument("--unconditional-tokens", type=int, default=0, metavar="N",
-                   help="feature: also train on about N tokens the target writes from BOS alone (default: 0)")
+                   help="also train on about N tokens the target writes from BOS alone (default: 0)")
     p.add_argument("--generation-temperature", type=float, default=0.8)
     p.add_argument("--generation-batch-size", type=int, help="sequences generated at once (default: 512 on GPU, 8 on CPU)")
     p.add_argument("--generated-cache", metavar="FILE",
@@ -118,23 +118,10 @@ def _distill(args: argparse.Namespace) -> int:
     log.info("training text: %d documents, %d tokens in %d sequences; %d documents held out",
              len(documents) - len(corpus.held_out_documents), corpus.train_tokens, len(sequences),
              len(corpus.held_out_documents))
-    if args.generated_tokens > 0:
-        from .generate_data import target_continuations
+    if args.generated_tokens > 0 or args.unconditional_tokens > 0:
+        from .generate_data import training_generations
 
-        cache = Path(args.generated_cache).expanduser() if args.generated_cache else None
-        if cache is not None and cache.is_file():
-            generated = torch.load(cache, weights_only=True)
-            log.info("reusing %d generated sequences from %s", len(generated), cache)
-        else:
-            batch = args.generation_batch_size or (512 if device.type == "cuda" else 8)
-            generated = target_continuations(target.model, sequences, args.generated_tokens,
-                                             args.generation_temperature, batch_size=batch, seed=args.seed)
-            if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(generated, cache)
-        if generated.shape[1] != sequences.shape[1]:
-            raise SpecDecError(f"the generations in {cache} have another --seq-len; delete the file to regenerate")
-        sequences = torch.cat([sequences, generated])
+        sequences = torch.cat([sequences, training_generations(args, target, sequences, tokenizer.bos_token_id)])
     token_map = token_map_from(sequences, args.draft_vocab, target.vocab_size, set(target.eos_token_ids))
     identity = TargetIdentity.of(target.model, target.vocab_size, tokenizer)
     config = TrainingConfig(layers=args.layers, shared_layers=args.shared_layers, steps=args.steps,

@@ -41,7 +41,9 @@ def distill_feature(args: argparse.Namespace, documents: list[str], device: torc
     log.info("training text: %d tokens in %d sequences; %d documents held out", corpus.train_tokens,
              len(sequences), len(corpus.held_out_documents))
     if args.generated_tokens > 0 or args.unconditional_tokens > 0:
-        sequences = torch.cat([sequences, _generated(args, loaded.model, sequences, tokenizer.bos_token_id)])
+        from .generate_data import training_generations
+
+        sequences = torch.cat([sequences, training_generations(args, loaded.model, sequences, tokenizer.bos_token_id)])
     features_path = out / FEATURES_FILE
     features = None
     if args.resume and features_path.is_file():
@@ -78,38 +80,6 @@ def distill_feature(args: argparse.Namespace, documents: list[str], device: torc
                                                      "backend": backend, "rows": [r.to_dict() for r in rows]},
                                                     indent=2))
     return 0
-
-
-def _generated(args: argparse.Namespace, model: CausalLM, sequences: torch.Tensor, bos: int | None) -> torch.Tensor:
-    """The target's own sampled text (distill/generate_data.py), from a torch target: continuations
-    of the training text's openings, and text from BOS alone."""
-    from ..backends.hf import HFCausalLM
-    from .generate_data import target_continuations, unconditional_generations
-
-    cache = Path(args.generated_cache).expanduser() if args.generated_cache else None
-    if cache is not None and cache.is_file():
-        generated = torch.load(cache, weights_only=True)
-        log.info("reusing %d generated sequences from %s", len(generated), cache)
-    else:
-        if not isinstance(model, HFCausalLM):
-            raise SpecDecError("generating training text runs the target in torch: add --backend torch")
-        batch = args.generation_batch_size or (512 if model.device.type == "cuda" else 8)
-        parts = []
-        if args.generated_tokens > 0:
-            parts.append(target_continuations(model.model, sequences, args.generated_tokens,
-                                              args.generation_temperature, batch_size=batch, seed=args.seed))
-        if args.unconditional_tokens > 0:
-            if bos is None:
-                raise SpecDecError("--unconditional-tokens needs a tokenizer with a BOS token")
-            parts.append(unconditional_generations(model.model, bos, sequences.shape[1], args.unconditional_tokens,
-                                                   args.generation_temperature, batch_size=batch, seed=args.seed))
-        generated = torch.cat(parts)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(generated, cache)
-    if generated.shape[1] != sequences.shape[1]:
-        raise SpecDecError(f"the generations in {cache} have another --seq-len; delete the file to regenerate")
-    return generated
 
 
 def feature_target(model: CausalLM) -> CausalLM:

@@ -1,9 +1,15 @@
 """The target's own continuations as training text: exactly the contexts a draft meets when drafting."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 from tqdm import tqdm
+
+log = logging.getLogger("specdec")
 
 OPENING_TOKENS = 32
 
@@ -48,3 +54,36 @@ def unconditional_generations(target: nn.Module, bos: int, seq_len: int, tokens:
                                     min_new_tokens=seq_len - 1, pad_token_id=0)
         out.append(generated[:, :seq_len].cpu())
     return torch.cat(out)
+
+
+def training_generations(args: Any, model: Any, sequences: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """`specdec distill`'s generated training text, as its options ask: continuations of the
+    text's openings (--generated-tokens) and text from BOS (--unconditional-tokens), made by the
+    target in torch, kept in --generated-cache and reused from there."""
+    from ..backends.hf import HFCausalLM
+    from ..errors import SpecDecError
+
+    cache = Path(args.generated_cache).expanduser() if args.generated_cache else None
+    if cache is not None and cache.is_file():
+        generated = torch.load(cache, weights_only=True)
+        log.info("reusing %d generated sequences from %s", len(generated), cache)
+    else:
+        if not isinstance(model, HFCausalLM):
+            raise SpecDecError("generating training text runs the target in torch: add --backend torch")
+        batch = args.generation_batch_size or (512 if model.device.type == "cuda" else 8)
+        parts = []
+        if args.generated_tokens > 0:
+            parts.append(target_continuations(model.model, sequences, args.generated_tokens,
+                                              args.generation_temperature, batch_size=batch, seed=args.seed))
+        if args.unconditional_tokens > 0:
+            if bos is None:
+                raise SpecDecError("--unconditional-tokens needs a tokenizer with a BOS token")
+            parts.append(unconditional_generations(model.model, bos, sequences.shape[1], args.unconditional_tokens,
+                                                   args.generation_temperature, batch_size=batch, seed=args.seed))
+        generated = torch.cat(parts)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(generated, cache)
+    if generated.shape[1] != sequences.shape[1]:
+        raise SpecDecError(f"the generations in {cache} have another --seq-len; delete the file to regenerate")
+    return generated

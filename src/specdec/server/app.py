@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -21,12 +21,14 @@ from ..errors import InvalidRequestError, SpecDecError
 from ..generation import Generation, GenerationOutput, StepOutput
 from ..token_logprobs import TokenLogprob
 from ..sampling_params import SamplingParams
+from ..stats import GenerationStats
 from . import protocol
 from .metrics import ServerMetrics
 from .scheduler import QueueFullError, RequestFailed, RequestHandle, Scheduler, request_timed_out
 
 log = logging.getLogger("specdec.server")
 
+MAX_CHOICES = 16  # n per request: each choice is a sequence of its own in the batch
 POLL_S = 0.25  # how often a waiting response checks whether its client is still there
 STUCK_GRACE_S = 10.0  # past its deadline, a response stops waiting for a scheduler that does not answer
 FIELD_NAMES = {"max_new_tokens": "max_tokens"}  # engine names -> OpenAI names in errors
@@ -108,8 +110,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                       default_max_tokens: int, kind: str):
         """Submit one request and answer it whole or as a stream; `kind` is "completion" or "chat"."""
         rid = protocol.new_id("cmpl" if kind == "completion" else "chatcmpl")
-        handle = _submit(start, scheduler, _sampling_params(body, default_max_tokens), rid,
-                         config.request_timeout_s)
+        handles = _submit_choices(start, scheduler, _sampling_params(body, default_max_tokens), body.n or 1, rid,
+                                  config.request_timeout_s)
         model, drafter = config.model_name, engine.drafter_name
         shape = protocol.completion_logprobs if kind == "completion" else protocol.chat_logprobs
 
@@ -117,27 +119,28 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             return None if values is None else shape(values, engine.token_text)
 
         if not body.stream:
-            out = await _collect(handle, request, scheduler)
+            outs = await _collect(handles, request, scheduler)
             metrics.count(endpoint_label(request), 200)
             build = protocol.completion_response if kind == "completion" else protocol.chat_response
-            return build(rid, model, out, drafter, logprobs(out.logprobs))
+            return build(rid, model, outs, drafter, [logprobs(out.logprobs) for out in outs])
 
-        def chunk(step: StepOutput, out: GenerationOutput | None) -> dict[str, Any]:
+        def chunk(index: int, step: StepOutput, out: GenerationOutput | None) -> dict[str, Any]:
             stats, finish = (out.stats if out else None), (step.finish_reason if out else None)
             if kind == "completion":
                 return protocol.completion_chunk(rid, model, step.text, finish, stats, drafter,
-                                                 logprobs(step.logprobs))
+                                                 logprobs(step.logprobs), index)
             return protocol.chat_chunk(rid, model, {"content": step.text} if step.text else {}, finish, stats,
-                                       drafter, logprobs(step.logprobs))
+                                       drafter, logprobs(step.logprobs), index)
 
-        def usage(out: GenerationOutput) -> dict[str, Any]:
-            return protocol.usage_chunk(rid, model, kind, out.stats, drafter)
+        def usage(outs: list[GenerationOutput]) -> dict[str, Any]:
+            return protocol.usage_chunk(rid, model, kind, GenerationStats.of_choices([o.stats for o in outs]),
+                                        drafter)
 
-        first = None if kind == "completion" else protocol.chat_chunk(
-            rid, model, {"role": "assistant", "content": ""}, None)
+        first = None if kind == "completion" else [protocol.chat_chunk(
+            rid, model, {"role": "assistant", "content": ""}, None, index=i) for i in range(len(handles))]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         label = endpoint_label(request)
-        return _sse(handle, request, scheduler, chunk, first=first, usage=usage if include_usage else None,
+        return _sse(handles, request, scheduler, chunk, first=first or [], usage=usage if include_usage else None,
                     counted=lambda status: metrics.count(label, status))
 
     @app.post("/v1/completions")
@@ -205,8 +208,8 @@ def _completion_prompt(prompt: str | list[int] | list[str]) -> str | list[int]:
 
 
 def _sampling_params(body: protocol._Sampling, default_max_tokens: int) -> SamplingParams:
-    if body.n not in (None, 1):
-        raise InvalidRequestError("only n=1 is supported", "n")
+    if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n must be from 1 to {MAX_CHOICES}", "n")
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     for s in stop:
@@ -229,6 +232,22 @@ def _with_openai_field(exc: InvalidRequestError) -> InvalidRequestError:
         return exc
     field = FIELD_NAMES[exc.field]
     return InvalidRequestError(str(exc).replace(exc.field, field), field)
+
+
+def _submit_choices(start: Callable[[SamplingParams], Generation], scheduler: Scheduler, params: SamplingParams,
+                    n: int, rid: str, timeout_s: float | None) -> list[RequestHandle]:
+    """A request's n choices, each its own sequence in the batch. A seeded request's choice i
+    samples with seed + i: distinct, and each reproducible alone. If one cannot be queued, none is."""
+    handles: list[RequestHandle] = []
+    try:
+        for i in range(n):
+            choice = params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**63)
+            handles.append(_submit(start, scheduler, choice, rid if n == 1 else f"{rid}-{i}", timeout_s))
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
+    return handles
 
 
 def _submit(start: Callable[[SamplingParams], Generation], scheduler: Scheduler, params: SamplingParams, rid: str,
@@ -285,31 +304,66 @@ async def _events(handle: RequestHandle, request: Request, scheduler: Scheduler)
         handle.cancel()  # no-op once finished; otherwise the scheduler ends it and frees its slot
 
 
-async def _collect(handle: RequestHandle, request: Request, scheduler: Scheduler) -> GenerationOutput:
+async def _choice_events(handles: list[RequestHandle], request: Request,
+                         scheduler: Scheduler) -> AsyncIterator[tuple[int, StepOutput]]:
+    """Every choice's steps as they come, tagged with its index. The first failure (or the
+    client leaving) ends them all: `_events` cancels each handle it stops reading."""
+    if len(handles) == 1:
+        async for step in _events(handles[0], request, scheduler):
+            yield 0, step
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, handle: RequestHandle) -> None:
+        try:
+            async for step in _events(handle, request, scheduler):
+                await queue.put((index, step))
+            await queue.put((index, None))
+        except BaseException as exc:  # APIError, _ClientGone, or this task's cancellation
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
     try:
-        async for _ in _events(handle, request, scheduler):
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task, handle in zip(tasks, handles):
+            task.cancel()
+            handle.cancel()
+
+
+async def _collect(handles: list[RequestHandle], request: Request, scheduler: Scheduler) -> list[GenerationOutput]:
+    try:
+        async for _ in _choice_events(handles, request, scheduler):
             pass
     except _ClientGone:
         raise APIError(499, "client disconnected") from None
-    return handle.output
+    return [handle.output for handle in handles]
 
 
-def _sse(handle: RequestHandle, request: Request, scheduler: Scheduler,
-         chunk: Callable[[StepOutput, GenerationOutput | None], dict[str, Any]],
-         first: dict[str, Any] | None, usage: Callable[[GenerationOutput], dict[str, Any]] | None,
+def _sse(handles: list[RequestHandle], request: Request, scheduler: Scheduler,
+         chunk: Callable[[int, StepOutput, GenerationOutput | None], dict[str, Any]],
+         first: list[dict[str, Any]], usage: Callable[[list[GenerationOutput]], dict[str, Any]] | None,
          counted: Callable[[int], None]) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         status = 499  # until the stream ends otherwise: a client gone, or the server stopping it
         try:
-            if first is not None:
-                yield _data(first)
-            async for step in _events(handle, request, scheduler):
+            for opening in first:
+                yield _data(opening)
+            async for index, step in _choice_events(handles, request, scheduler):
                 if step.finished:
-                    yield _data(chunk(step, handle.output))
-                    if usage is not None:
-                        yield _data(usage(handle.output))
+                    yield _data(chunk(index, step, handles[index].output))
                 elif step.text or step.logprobs:
-                    yield _data(chunk(step, None))
+                    yield _data(chunk(index, step, None))
+            if usage is not None:
+                yield _data(usage([handle.output for handle in handles]))
             status = 200
             yield "data: [DONE]\n\n"
         except APIError as exc:
@@ -320,7 +374,8 @@ def _sse(handle: RequestHandle, request: Request, scheduler: Scheduler,
             pass
         finally:
             counted(status)
-            handle.cancel()
+            for handle in handles:
+                handle.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -153,26 +153,31 @@ def speculative(stats: GenerationStats, drafter: str) -> dict[str, Any]:
             "target_forward_passes": stats.target_forward_passes}
 
 
-def completion_response(rid: str, model: str, out: GenerationOutput, drafter: str,
-                        logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_response(rid: str, model: str, outs: list[GenerationOutput], drafter: str,
+                        logprobs: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """outs: the request's n choices, in order."""
+    stats = GenerationStats.of_choices([out.stats for out in outs])
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}],
-            "usage": usage(out.stats), "speculative": speculative(out.stats, drafter)}
+            "choices": [{"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+                        for i, (out, lp) in enumerate(zip(outs, logprobs))],
+            "usage": usage(stats), "speculative": speculative(stats, drafter)}
 
 
-def chat_response(rid: str, model: str, out: GenerationOutput, drafter: str,
-                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def chat_response(rid: str, model: str, outs: list[GenerationOutput], drafter: str,
+                  logprobs: list[dict[str, Any] | None]) -> dict[str, Any]:
+    stats = GenerationStats.of_choices([out.stats for out in outs])
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                         "logprobs": logprobs, "finish_reason": out.finish_reason}],
-            "usage": usage(out.stats), "speculative": speculative(out.stats, drafter)}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
+                         "logprobs": lp, "finish_reason": out.finish_reason}
+                        for i, (out, lp) in enumerate(zip(outs, logprobs))],
+            "usage": usage(stats), "speculative": speculative(stats, drafter)}
 
 
 def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None,
                      stats: GenerationStats | None = None, drafter: str = "",
-                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+                     logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
     chunk: dict[str, Any] = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                             "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                             "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                           "finish_reason": finish_reason}]}
     if stats is not None:
         chunk["usage"] = usage(stats)
@@ -182,10 +187,10 @@ def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None,
 
 def chat_chunk(rid: str, model: str, delta: dict[str, str], finish_reason: str | None,
                stats: GenerationStats | None = None, drafter: str = "",
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+               logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
     chunk: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                              "model": model,
-                             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                             "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                           "finish_reason": finish_reason}]}
     if stats is not None:
         chunk["usage"] = usage(stats)
