@@ -195,7 +195,9 @@ def test_n_choices_are_independent_sequences_over_the_openai_client(client):
 
 def test_a_client_leaving_a_stream_of_n_choices_ends_every_choice(server):
     before = _metric(server, "specdec_cancelled_requests_total")
-    body = {"model": MODEL, "prompt": "the quick", "max_tokens": 400, "temperature": 1.0, "n": 3, "stream": True}
+    # EOS banned: every choice runs until the client leaves (a sampled one could end first)
+    body = {"model": MODEL, "prompt": "the quick", "max_tokens": 400, "temperature": 1.0, "n": 3, "stream": True,
+            "logit_bias": {"2": -100}}
     with httpx.stream("POST", f"{server}/v1/completions", timeout=60, json=body) as response:
         for i, _ in enumerate(response.iter_lines()):
             if i >= 3:
