@@ -87,25 +87,30 @@ def test_resume_continues_from_the_checkpoint(target_dir, data_file, tmp_path):
     args = ["distill", "--target", str(target_dir), "--data", str(data_file), "--out", str(tmp_path),
             "--layers", "1", "--draft-vocab", "300", "--seq-len", "64", "--device", "cpu", "--eval-prompts", "0",
             "--checkpoint-every", "5"]
-    with pytest.raises(KeyboardInterrupt):  # stop the first run right after its first checkpoint
-        from specdec.distill import train
+    from specdec.distill import train
 
-        original = train._checkpoint
-
-        def checkpoint_then_stop(*a, **k):
-            original(*a, **k)
-            raise KeyboardInterrupt
-
-        train._checkpoint = checkpoint_then_stop
-        try:
-            run_uncaught([*args, "--steps", "12"])
-        finally:
-            train._checkpoint = original
+    run_until_first_checkpoint(train, [*args, "--steps", "12"])
     assert (tmp_path / "checkpoint.pt").exists()
     assert main([*args, "--steps", "12", "--resume"]) == 0
     meta = json.loads((tmp_path / "specdec_draft.json").read_text())
     assert meta["training"]["tokens"] == 12 * 8 * 64  # the interrupted run's 5 steps count too
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def run_until_first_checkpoint(module, argv):
+    """Run distill and stop it right after `module._checkpoint` wrote its first checkpoint."""
+    original = module._checkpoint
+
+    def checkpoint_then_stop(*a, **k):
+        original(*a, **k)
+        raise KeyboardInterrupt
+
+    module._checkpoint = checkpoint_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_uncaught(argv)
+    finally:
+        module._checkpoint = original
 
 
 def run_uncaught(argv):
@@ -297,18 +302,7 @@ def test_feature_training_resumes_from_its_checkpoint(target_dir, data_file, tmp
     args = ["distill", "--method", "feature", "--target", str(target_dir), "--data", str(data_file),
             "--out", str(tmp_path), "--draft-vocab", "300", "--seq-len", "64", "--device", "cpu",
             "--eval-prompts", "0", "--checkpoint-every", "3", "--steps", "6"]
-    original = feature_training._checkpoint
-
-    def checkpoint_then_stop(*a, **k):
-        original(*a, **k)
-        raise KeyboardInterrupt
-
-    feature_training._checkpoint = checkpoint_then_stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_uncaught(args)
-    finally:
-        feature_training._checkpoint = original
+    run_until_first_checkpoint(feature_training, args)
     assert (tmp_path / "feature_checkpoint.pt").exists() and (tmp_path / "features.pt").exists()
     assert main([*args, "--resume"]) == 0
     meta = json.loads((tmp_path / "specdec_draft.json").read_text())

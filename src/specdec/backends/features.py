@@ -27,6 +27,7 @@ class FeatureLog:
         return self.start + (0 if self.rows is None else self.rows.shape[0])
 
     def write(self, start: int, rows: torch.Tensor) -> None:
+        """Keep a copy of `rows` (a view of a backend's reused buffer is fine) as positions start.."""
         rows = rows.detach()
         if self.rows is None or not self.start <= start <= self.end:
             self.start, self.rows = start, rows.clone()

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ModelLoadError, SpecDecError
 from .base import CausalLM
-from .features import ExposesFeatures, FeatureLog
+from .features import ExposesFeatures, FeatureLog, record_features
 from .llama_cpp_head import SplitHead
 
 
@@ -241,8 +241,8 @@ class LlamaCppCausalLM(CausalLM, ExposesFeatures):
         else:
             parts, start = [], 0
             for (_, cache, num_logits), count in zip(segments, outputs):
-                if cache.feature_log is not None:
-                    cache.feature_log.write(cache.length, torch.from_numpy(rows[start : start + count].copy()))
+                # a view of llama.cpp's buffer: the log copies what it keeps
+                record_features(cache, cache.length, torch.from_numpy(rows[start : start + count]))
                 parts.append(rows[start + count - num_logits : start + count])
                 start += count
             wanted = np.concatenate(parts)
@@ -255,7 +255,7 @@ class LlamaCppCausalLM(CausalLM, ExposesFeatures):
         if not self._head:
             raise SpecDecError(f"{self.name}: llama.cpp gives the hidden states a feature head reads only where "
                                "its split head applies (Q8_0 or Q6_K heads; SPECDEC_LLAMA_CPP_HEAD unset)")
-        cache.feature_log = FeatureLog()
+        super().keep_features(cache)
 
     def input_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._head.embed(token_ids.tolist()))
