@@ -69,6 +69,16 @@ def tokenizer(directory: Path | None = None) -> PreTrainedTokenizerFast:
     return fast
 
 
+def hex_tokenizer() -> PreTrainedTokenizerFast:
+    """Sixteen one-character tokens, 0-9a-f, ids 0-15 (a 16-token model's vocabulary), and an
+    EOS past them: grammars over hex strings for the sampling law tests."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("0123456789abcdef")}, merges=[]))
+    tok.decoder = decoders.ByteFallback()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
 def feature_head(model, copy: bool, seed: int = 0):
     """A feature head (draft_models/feature_head.py) for a tiny one-layer-or-more target.
 

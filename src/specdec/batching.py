@@ -29,7 +29,6 @@ import torch
 
 from . import trace
 from .acceptance import Verdict, verify_greedy_batch
-from .logit_processing import adjusts_logits
 from .backends.base import CausalLM
 from .draft_length import BatchDraftPlanner
 from .drafters.base import DraftFeed
@@ -218,9 +217,9 @@ def _one_pass_or_each(model: CausalLM, ids: list[torch.Tensor], caches: list, nu
 def _greedy_verdicts(generations: list[Generation], drafts: list, live: list[int],
                      logits: list) -> dict[int, Verdict]:
     """The greedy sequences' verdicts, read from the device at once; the others (sampled, with
-    penalties or biases, or whose pass failed) reach theirs in conclude."""
+    penalties, biases or a grammar, or whose pass failed) reach theirs in conclude."""
     greedy = [(i, rows) for i, rows in zip(live, logits)
-              if generations[i].params.greedy and not adjusts_logits(generations[i].params)
+              if generations[i].params.greedy and not generations[i].processes_logits
               and not isinstance(rows, BaseException)]
     if len(greedy) < 2:
         return {}

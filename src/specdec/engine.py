@@ -13,6 +13,7 @@ from .drafters.model import ModelDrafter
 from .drafters.ngram import NGramDrafter
 from .errors import InvalidRequestError, SpecDecError, VocabularyMismatchError
 from .generation import Generation, GenerationOutput
+from .grammar import GrammarCompiler
 from .sampling_params import SamplingParams
 
 # model: a separate draft model; self: a cheaper copy of the target (draft_models/self_draft.py);
@@ -31,6 +32,7 @@ class Engine:
         tokenizer: Any | None = None,
         drafter: str = "ngram",
         draft_model: CausalLM | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.target = target
         self.tokenizer = tokenizer
@@ -40,10 +42,12 @@ class Engine:
         self._draft_cost: float | None = None
         self._costs = CostMemory()  # this target and drafter's step costs, learned across requests
         self._batch_stepper: BatchStepper | None = None
+        # response_format's compiler: its tokenizer is built at the first constrained request
+        self.grammars = grammars or GrammarCompiler(tokenizer, target.vocab_size, target.eos_token_ids)
 
     def with_drafter(self, drafter: str, draft_model: CausalLM | None = None) -> "Engine":
         """Same target and tokenizer, another drafter (weights are shared, not copied)."""
-        return Engine(self.target, self.tokenizer, drafter, draft_model or self.draft_model)
+        return Engine(self.target, self.tokenizer, drafter, draft_model or self.draft_model, self.grammars)
 
     @property
     def _models(self) -> list[CausalLM]:
@@ -96,16 +100,21 @@ class Engine:
         if params.logit_bias and params.logit_bias[-1][0] >= self.target.vocab_size:
             raise InvalidRequestError(f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary "
                                       f"of {self.target.vocab_size} tokens", "logit_bias")
+        grammar = None if params.response_format is None else self.grammars.state(params.response_format)
         drafter = self._drafter_factory() if self._drafter_factory and params.num_draft_tokens != 0 else None
         return Generation(self.target, drafter, prompt_ids, params, self.tokenizer, self._relative_draft_cost(),
-                          self._costs)
+                          self._costs, grammar)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, num_draft_tokens: int | None = None,
                  stop: str | Sequence[str] | None = None, **options: Any) -> GenerationOutput:
         """options: the rest of SamplingParams: logprobs=N reports each output token's log
         probability and its N most likely alternatives (GenerationOutput.logprobs);
-        presence_penalty, frequency_penalty and logit_bias ({token id: bias}) as OpenAI's."""
+        presence_penalty, frequency_penalty and logit_bias ({token id: bias}) as OpenAI's;
+        response_format: a grammar the output follows, as OpenAI's ({"type": "json_schema",
+        "json_schema": {"name": ..., "schema": {...}}} or {"type": "json_object"}), or
+        {"type": "regex", "regex": ...}, {"type": "grammar", "grammar": LARK}, {"type": "choice",
+        "choice": [...]}."""
         params = _params(max_new_tokens, temperature, top_p, top_k, seed, num_draft_tokens, stop, **options)
         return self.start(prompt, params).run()
 

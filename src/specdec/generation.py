@@ -23,9 +23,10 @@ from .acceptance import Verdict, verify_greedy, verify_sampled
 from .backends.base import CausalLM, ChainsGreedySteps, pinned
 from .draft_length import CostMemory, DraftLengthPolicy
 from .drafters.base import Drafter, DraftFeed, DraftProposal, ProposalSteps, empty_proposal, run_alone
+from .grammar import GrammarState, forced_proposal
 from .logit_processing import adjusted_logits, adjusts_logits
 from .logits import to_probs
-from .sampling_params import SamplingParams
+from .sampling_params import MAX_DRAFT_TOKENS, SamplingParams
 from .stats import DRAFT, TARGET, GenerationStats
 from .text_stream import TextStream
 from .token_logprobs import TokenLogprob, token_logprobs
@@ -77,14 +78,20 @@ class Generation:
         tokenizer: Any | None,
         relative_draft_cost: float = 0.0,
         costs: CostMemory | None = None,
+        grammar: GrammarState | None = None,
     ) -> None:
         """relative_draft_cost: a draft token's estimated compute over a target pass's, used
         for k instead of timings when a seeded sample must be reproducible.
         costs: the verify and draft costs learned by earlier generations of this target and
-        drafter (draft_length.CostMemory), refined by this one."""
+        drafter (draft_length.CostMemory), refined by this one.
+        grammar: the request's response_format, compiled (engine.py); None: unconstrained."""
         self.target = target
         self.drafter = drafter
         self.params = params
+        self.grammar = grammar
+        # This step's drafts: whether the drafter proposed any (it is then told the outcome) and
+        # how many of them the grammar kept (the rest of the step's drafts are forced tokens).
+        self._drafter_proposed, self._by_drafter = 0, 0
         reproducible = params.seed is not None and not params.greedy
         self.policy = DraftLengthPolicy(fixed=params.num_draft_tokens,
                                         timing_free_draft_cost=relative_draft_cost if reproducible else None,
@@ -111,9 +118,15 @@ class Generation:
         # Plain greedy decoding on a model that chains its steps on the device (GPU graphs).
         plain = drafter is None or params.num_draft_tokens == 0
         # (A chained step's logits stay on the device: log probabilities take the ordinary step.)
-        self._chained = (plain and params.greedy and params.logprobs is None and not adjusts_logits(params)
+        self._chained = (plain and params.greedy and params.logprobs is None and not self.processes_logits
                          and isinstance(target, ChainsGreedySteps))
         self._chain = None
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the verdict reads processed logits (penalties, biases, a grammar's mask), so
+        a batch must leave it to `conclude` instead of reading the raw rows' picks."""
+        return self.grammar is not None or adjusts_logits(self.params)
 
     # ---- lifetime -------------------------------------------------------------------------
     def open(self) -> None:
@@ -258,17 +271,27 @@ class Generation:
 
     def _propose(self, k: int | None) -> ProposalSteps:
         budget = self.draft_budget
-        if budget == 0:
+        self._drafter_proposed, self._by_drafter = 0, 0
+        if budget == 0 or k == 0:
             return empty_proposal()
+        room = min(budget, MAX_DRAFT_TOKENS)  # what a verify pass takes
+        if self.grammar is not None and (forced := self.grammar.forced(room)):
+            return forced_proposal(forced)  # the drafter sits this step out and is not told
         k = self.policy.next(budget) if k is None else min(k, budget)
         if k == 0:
             return empty_proposal()
-        return (yield from self.drafter.proposal_steps(self.tokens[: self.length], k, self.params, self.generator))
+        proposal = yield from self.drafter.proposal_steps(self.tokens[: self.length], k, self.params, self.generator)
+        self._drafter_proposed = self._by_drafter = proposal.tokens.shape[0]
+        if self.grammar is not None:
+            proposal, self._by_drafter = self.grammar.checked(proposal, room)
+        return proposal
 
     def _accept(self, target_logits: torch.Tensor, proposal: DraftProposal) -> Verdict:
         if adjusts_logits(self.params):  # penalties and biases, as plain decoding has them at each row
             target_logits = adjusted_logits(target_logits, self.params,
                                             self.tokens[self.prompt_length : self.length], proposal.tokens)
+        if self.grammar is not None:  # after them, as plain constrained decoding masks what it samples from
+            target_logits = self.grammar.masked(target_logits, proposal.tokens)
         if self.params.greedy:  # host drafts stay on the host: verify_greedy reads the target's picks once
             return verify_greedy(target_logits, proposal.tokens)
         draft_tokens = proposal.tokens.to(target_logits.device)
@@ -283,16 +306,20 @@ class Generation:
             self._prompt_unread = False
             self.stats.prefill_time_s = time.perf_counter() - self._started
         num_drafted = proposal.tokens.shape[0]
-        if self.drafter is not None and num_drafted:
-            self.drafter.observe(verdict.num_accepted)
-        # A draft model catching up (on the prompt, or on the tokens of steps without a draft)
-        # reads many positions: not a per-token cost. After the prompt it is what resuming
-        # (a probe) costs, which the policy weighs.
-        catching_up = proposal.positions > 2 * max(num_drafted, 1)
-        resuming = catching_up and num_drafted > 0 and self._drafted_before
-        self.policy.record_step(num_drafted, verdict.num_accepted, verify_s=verify_s,
-                            draft_s=None if catching_up else draft_s, resume_s=draft_s if resuming else None)
-        self._drafted_before = self._drafted_before or bool(num_drafted)
+        # The drafter and the draft-length policy learn from the drafter's own tokens only: a
+        # grammar's forced ones are accepted whatever the drafter would have said.
+        by_drafter, accepted = self._by_drafter, min(verdict.num_accepted, self._by_drafter)
+        if self._drafter_proposed:
+            self.drafter.observe(accepted)
+        if self._drafter_proposed or not num_drafted:
+            # A draft model catching up (on the prompt, or on the tokens of steps without a
+            # draft) reads many positions: not a per-token cost. After the prompt it is what
+            # resuming (a probe) costs, which the policy weighs.
+            catching_up = proposal.positions > 2 * max(by_drafter, 1)
+            resuming = catching_up and by_drafter > 0 and self._drafted_before
+            self.policy.record_step(by_drafter, accepted, verify_s=verify_s,
+                                    draft_s=None if catching_up else draft_s, resume_s=draft_s if resuming else None)
+            self._drafted_before = self._drafted_before or bool(by_drafter)
         self.stats.record_step(num_drafted, verdict.num_accepted, proposal.forward_passes, proposal.positions)
 
     def _emit(self, proposal: DraftProposal, verdict: Verdict, target_logits: torch.Tensor | None = None) -> StepOutput:
@@ -306,6 +333,8 @@ class Generation:
         text, stop_at = self.text_stream.push(new_ids)
         if stop_at is not None:
             new_ids, provenance, finish_reason = new_ids[: stop_at + 1], provenance[: stop_at + 1], "stop"
+        if self.grammar is not None:
+            self.grammar.advance(new_ids)
         logprobs = None
         if self.logprobs is not None:  # before the next pass: llama.cpp's logits are a view of its buffer
             logprobs = token_logprobs(target_logits, new_ids, self.params.logprobs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
+from .response_format import ResponseFormat
 from .token_logprobs import MAX_TOP_LOGPROBS
 
 MAX_NEW_TOKENS_LIMIT = 1_000_000
@@ -37,6 +38,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # (token id, bias added to its logit) pairs; a dict {id: bias} is accepted too.
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    # A grammar the output must follow (grammar.py); OpenAI's dict form is accepted too.
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
@@ -58,6 +61,7 @@ class SamplingParams:
                                           f"got {value!r}", name)
             object.__setattr__(self, name, float(value))
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        object.__setattr__(self, "response_format", ResponseFormat.parse(self.response_format))
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)

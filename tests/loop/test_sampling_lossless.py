@@ -40,14 +40,18 @@ def pair():
 
 
 @torch.no_grad()
-def exact_law(model, params, prompt=PROMPT) -> torch.Tensor:
+def exact_law(model, params, prompt=PROMPT, allowed: list[set[int]] | None = None) -> torch.Tensor:
     """[VOCAB ** n] the target's probability of each n-token continuation, n = max_new_tokens;
-    a sequence t is at index sum(t_i * VOCAB ** (n - 1 - i))."""
+    a sequence t is at index sum(t_i * VOCAB ** (n - 1 - i)). allowed: the tokens a constraint
+    allows at each position (the others' logits are -inf before sampling settings apply)."""
     n = params.max_new_tokens
     law = torch.zeros(VOCAB**n, dtype=torch.float64)
 
     def extend(prefix: list[int], mass: float) -> None:
         logits = _adjusted(model.model(torch.tensor([prompt + prefix])).logits[0, -1:], params, prefix)
+        if allowed is not None:
+            banned = [t for t in range(VOCAB) if t not in allowed[len(prefix)]]
+            logits[0, banned] = float("-inf")
         probs = to_probs(logits, params)[0].double()
         for token in torch.nonzero(probs).flatten().tolist():
             if len(prefix) + 1 == n:
@@ -231,3 +235,35 @@ def test_penalties_and_biases_sampling_follows_the_adjusted_target_law(pair):
                                                        logit_bias=()))
     df = chi2_statistic(counts, law)[1]
     assert chi2_statistic((unadjusted * 2000).round(), law)[0] > chi2_critical(df, 1e-3)  # the test can tell
+
+
+# A hex-string grammar, position by position: a class, a forced "a", then classes. Forced
+# tokens are drafted for free (alone, or after the draft's own tokens); draft tokens it refuses
+# are cut (a sampled draft's just after: its certain rejection resamples from its residual).
+HEX_REGEX = "[0-7]a[c-f0-3][0-9][0-9]"
+HEX_ALLOWED = [set(range(8)), {10}, {12, 13, 14, 15, 0, 1, 2, 3}, set(range(10)), set(range(10))]
+
+
+@pytest.mark.parametrize("drafter,k,seed0", [("model", 1, 8100), ("model", 2, 8200), ("self", 2, 8300),
+                                             ("ngram", 2, 8400)])
+def test_grammar_constrained_sampling_follows_the_constrained_target_law(pair, drafter, k, seed0):
+    from specdec.draft_models.self_draft import build_self_draft
+
+    target, draft = pair
+    draft_model = {"model": draft, "self": build_self_draft(target, "bfloat16"), "ngram": None}[drafter]
+    engine = Engine(target, tiny.hex_tokenizer(), drafter, draft_model)
+    params = SamplingParams(max_new_tokens=5, temperature=1.0, top_k=4, num_draft_tokens=k,
+                            response_format={"type": "regex", "regex": HEX_REGEX})
+    prompt = PROMPT
+    if drafter == "ngram":  # the lookup proposes the target's own constrained greedy path
+        path = Engine(target, tiny.hex_tokenizer(), "none").generate(
+            PROMPT, max_new_tokens=5, response_format=params.response_format).token_ids
+        prompt = PROMPT + [8] + path + [8]
+    counts, deepest = sample_counts(engine, params, 2000, seed0=seed0, prompt=prompt)
+    law = exact_law(target, params, prompt, HEX_ALLOWED)
+    assert_fits(counts, law)
+    assert deepest >= 2  # a step accepted two drafts (a forced one among them, or the draft's own)
+    df = chi2_statistic(counts, law)[1]
+    # power: the draft's own law under the same constraint differs, and the test tells them apart
+    other = exact_law(pair[1], params, prompt, HEX_ALLOWED)
+    assert chi2_statistic((other * 2000).round(), law)[0] > chi2_critical(df, 1e-3)
