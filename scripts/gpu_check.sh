@@ -4,6 +4,8 @@
 #                                       single-request benchmark (exactness, plain, speculative table)
 #   bash scripts/gpu_check.sh serving   batched serving at loads 1 and 8, and where the host's time goes
 #   bash scripts/gpu_check.sh feature   the graph and feature-head tests, and the feature head's speculative table
+#   bash scripts/gpu_check.sh grammar   the graph tests, structured outputs among them (the machine lacks
+#                                       llguidance: carry its wheel in build/wheels, installed offline here)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -20,9 +22,13 @@ case "${1:-check}" in
     python3 -m pytest -q -p no:cacheprovider tests/backends/test_graph_decoder.py tests/loop/test_feature_drafter.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
     python3 scripts/gpu_bench.py --feature-only --no-exactness --repeats "${REPEATS:-3}" 2>&1 | tee "$OUT/gpu_feature.log" | tail -25
     ;;
+  grammar)
+    ls build/wheels/llguidance-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps build/wheels/llguidance-*.whl
+    python3 -m pytest -q -p no:cacheprovider tests/backends/test_graph_decoder.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    ;;
   serving)
     python3 scripts/gpu_serving.py --concurrency "${LOADS:-1,8}" 2>&1 | tee "$OUT/gpu_serving.log" | tail -20
     python3 scripts/gpu_host_gaps.py 2>&1 | tee "$OUT/gpu_host_gaps.log" | tail -8
     ;;
-  *) echo "usage: gpu_check.sh check|serving|feature" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh check|serving|feature|grammar" >&2; exit 2 ;;
 esac

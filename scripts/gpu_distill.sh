@@ -38,11 +38,15 @@
 # run adding --unconditional-tokens 2000000 (the target's text from BOS alone: prose the corpus
 # lacks) spent its 570 s generating and reading 16k sequences' features (65 a second) and was cut
 # off before training; with --resume a second call trains from the kept features.
+# Since the shipped head joined the working tree (31 MB tracked), a call carries at most ~33 MB
+# more: the GGUF travels in 30 MB parts (split -b 30000000: build/x00..x08) and the tokenizer as
+# build/x08/tokenizer.tar.gz (tar czf of the tokenizer/ folder, 5.6 MB) with the last part.
 set -euo pipefail
 keep=build/keep
 mkdir -p "$keep"
 for part in build/x*/part*; do [ -e "$part" ] && cp "$part" "$keep/" || true; done
 for tok in build/x*/tokenizer; do [ -d "$tok" ] && cp -r "$tok" "$keep/" || true; done
+for tok in build/x*/tokenizer.tar.gz; do [ -f "$tok" ] && tar xzf "$tok" -C "$keep" || true; done
 if [ "${1:-}" = "stash" ]; then ls -la "$keep"; exit 0; fi
 shift || true
 [ -s "$keep/gemma.gguf" ] || cat "$keep"/part* > "$keep/gemma.gguf"

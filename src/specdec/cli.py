@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .errors import SpecDecError
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", help="prompt text (default: read stdin)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
     add_sampling_args(gen)
+    constraint = gen.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", help="the output follows this JSON schema (a file)")
+    constraint.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    constraint.add_argument("--regex", help="the output matches this regular expression")
+    constraint.add_argument("--grammar", metavar="FILE", help="the output follows this Lark grammar (a file)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
     gen.add_argument("--show-provenance", action="store_true",
                      help="colour tokens accepted from the draft (green) apart from those the target produced")
@@ -92,7 +98,32 @@ def sampling_params(args: argparse.Namespace):
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, num_draft_tokens=args.num_draft_tokens,
                           stop=tuple(args.stop), presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, logit_bias=tuple(args.logit_bias))
+                          frequency_penalty=args.frequency_penalty, logit_bias=tuple(args.logit_bias),
+                          response_format=_response_format(args))
+
+
+def _response_format(args: argparse.Namespace) -> dict | None:
+    """--json-schema, --json-object, --regex or --grammar as a response_format (response_format.py)."""
+    if getattr(args, "json_object", False):
+        return {"type": "json_object"}
+    if getattr(args, "regex", None) is not None:
+        return {"type": "regex", "regex": args.regex}
+    for option, kind in (("json_schema", "json_schema"), ("grammar", "grammar")):
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SpecDecError(f"--{option.replace('_', '-')}: cannot read {path}: {exc.strerror}") from None
+        if kind == "grammar":
+            return {"type": "grammar", "grammar": text}
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecDecError(f"--json-schema: {path} is not JSON: {exc}") from None
+        return {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema}}
+    return None
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

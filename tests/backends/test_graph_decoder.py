@@ -9,6 +9,7 @@ one differ by ~1e-7 in the logits, far below these models' top-2 logit margins (
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 
 import pytest
 import torch
@@ -138,6 +139,34 @@ def test_a_batch_on_static_caches_gives_each_sequence_its_own_outputs(family):
         running = [g for g in generations if not g.finished]
         assert not any(isinstance(r, BaseException) for r in stepper.step(running))
     assert [g.output().token_ids for g in generations] == alone
+
+
+def test_constrained_outputs_on_the_graph_path_equal_constrained_plain_alone_and_in_a_batch():
+    # Structured outputs (grammar.py) over static caches: masks on the device's logits, forced
+    # tokens drafted, refused drafts cut; greedy output is the same path's constrained plain one.
+    from specdec.batching import BatchStepper
+
+    dtype = torch.float64  # as the batch test above: a packed pass and a replay must not flip near-ties
+    eos, tokenizer = {2}, tiny.tokenizer()
+    target = GraphDecoder(tiny.llama(0, dtype=dtype).to(DEVICE), "static", dtype, eos, tiny.VOCAB, 256)
+    draft = GraphDecoder(tiny.llama(1, dtype=dtype).to(DEVICE), "draft", dtype, eos, tiny.VOCAB, 256)
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
+              "properties": {"name": {"type": "string", "maxLength": 6}, "n": {"type": "integer", "maximum": 99,
+                                                                            "minimum": 0}}}
+    formats = [{"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+               {"type": "regex", "regex": "(fox|dog) [0-9]{2,3}"}, None]
+    for engine in (Engine(target, tokenizer, "ngram"), Engine(target, tokenizer, "model", draft)):
+        params = [SamplingParams(max_new_tokens=40, num_draft_tokens=k, response_format=f)
+                  for k, f in zip((None, 3, 2, 4, None, 1), formats * 2)]
+        plain = [engine.start(p, replace(q, num_draft_tokens=0)).run() for p, q in zip(PROMPTS, params)]
+        assert [engine.start(p, q).run().token_ids for p, q in zip(PROMPTS, params)] == [o.token_ids for o in plain]
+        assert all(o.finish_reason == "stop" for o, q in zip(plain, params) if q.response_format)
+        generations = [engine.start(p, q) for p, q in zip(PROMPTS, params)]
+        stepper = BatchStepper(target)
+        while not all(g.finished for g in generations):
+            running = [g for g in generations if not g.finished]
+            assert not any(isinstance(r, BaseException) for r in stepper.step(running))
+        assert [g.output().token_ids for g in generations] == [o.token_ids for o in plain]
 
 
 @pytest.mark.skipif(not gpu_kernels.available(), reason="needs Triton")

@@ -6,8 +6,11 @@ import json
 import threading
 import time
 
+import re
+
 import httpx
 import openai
+import pydantic
 import pytest
 
 import specdec
@@ -114,8 +117,13 @@ BAD_REQUESTS = [
      400, "top_logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
                               "top_logprobs": 21}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                              "response_format": {"type": "json_schema", "json_schema": {
+                                  "name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "regex", "regex": "[a-"}},
+     400, "response_format"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "response_format": "json"}, 400, "response_format"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "hi"}]}, 400, "messages"),
@@ -164,6 +172,56 @@ def test_penalties_and_logit_bias_over_the_openai_client_act_as_in_the_engine(cl
     forced = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the quick"}],
                                             max_tokens=5, temperature=0, logit_bias={str(token): 100})
     assert forced.choices[0].message.content == engine.decode([token] * 5)
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=10)
+    age: int = pydantic.Field(ge=0, le=150)
+    member: bool
+
+
+def test_schema_constrained_outputs_parse_and_validate_every_time_over_the_openai_client(client):
+    # openai's own parse(): a pydantic model becomes a strict json_schema, and every answer,
+    # greedy or sampled, parses back into it.
+    for i, prompt in enumerate(PROMPTS):
+        for temperature in (0, 1.0):
+            answer = client.chat.completions.parse(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], response_format=Person,
+                max_tokens=120, temperature=temperature, seed=i)
+            choice = answer.choices[0]
+            assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Person), choice
+
+
+def test_constrained_greedy_output_is_the_same_with_and_without_speculation(client):
+    strict = {**Person.model_json_schema(), "additionalProperties": False}
+    schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": strict}}
+    for prompt in PROMPTS[:3]:
+        answers = [client.completions.create(model=MODEL, prompt=prompt, max_tokens=120, temperature=0,
+                                             extra_body={"response_format": schema, "num_draft_tokens": k})
+                   for k in (0, None, 4)]
+        texts = {a.choices[0].text for a in answers}
+        assert len(texts) == 1, texts
+        Person.model_validate_json(texts.pop())
+        plain, spec = answers[0].model_extra["speculative"], answers[1].model_extra["speculative"]
+        # the schema's keys and punctuation were drafted for free and accepted
+        assert spec["accepted_tokens"] >= 8 and spec["target_forward_passes"] < plain["target_forward_passes"]
+        streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=120, temperature=0, stream=True,
+                                             extra_body={"response_format": schema})
+        assert "".join(c.choices[0].text for c in streamed) == answers[0].choices[0].text
+
+
+def test_regex_choice_and_json_object_constraints_over_the_openai_client(client):
+    def ask(response_format):
+        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the quick"}],
+                                              max_tokens=60, temperature=0.8, seed=3,
+                                              extra_body={"response_format": response_format})
+    assert ask({"type": "choice", "choice": ["yes", "no"]}).choices[0].message.content in ("yes", "no")
+    text = ask({"type": "regex", "regex": "[0-9]{3}-[a-z]{2}"}).choices[0].message.content
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", text), text
+    answer = ask({"type": "json_object"}).choices[0]
+    assert answer.message.content.startswith("{")
+    if answer.finish_reason == "stop":
+        assert isinstance(json.loads(answer.message.content), dict)
 
 
 def test_n_choices_are_independent_sequences_over_the_openai_client(client):

@@ -124,6 +124,32 @@ def test_builtin_workloads_cover_the_three_kinds():
     assert len(load_workload("grounded", limit=2)) == 2 and set(BUILTIN) == {"grounded", "code", "open"}
 
 
+def test_the_json_workload_gives_each_prompt_its_schema_and_bench_runs_it_against_constrained_plain(
+        tiny_model_dir, tmp_path):
+    prompts = load_workload("json")
+    assert len(prompts) == 12 and all(p.response_format["type"] == "json_schema" for p in prompts)
+    assert not any(p.response_format for p in load_workload("all"))  # 'all' stays unconstrained
+    workload = tmp_path / "w.jsonl"
+    schema = {"type": "object", "additionalProperties": False, "required": ["a"],
+              "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    workload.write_text(json.dumps({"prompt": "the quick brown fox", "category": "json", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--target", str(tiny_model_dir),
+                           "--drafter", "ngram", "--workload", str(workload), "--max-new-tokens", "24",
+                           "--repeats", "1", "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    # the peers take no response_format: only specdec's runs, each output the constrained plain one
+    assert {m["run"] for m in results["measurements"]} == {"specdec-plain", "specdec-ngram"}
+    for m in results["measurements"]:
+        assert m["identical_to_baseline"] and m["stats"]["finish_reason"] == "stop"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response_format": {"type": "regex"}}\n')
+    with pytest.raises(SpecDecError, match="line 1: a regex response_format needs"):
+        load_workload(str(bad))
+
+
 def test_bad_workloads_are_clear_errors(tmp_path):
     with pytest.raises(SpecDecError, match="neither a file nor a built-in"):
         load_workload("nope")

@@ -56,3 +56,38 @@ def test_generate_takes_penalties_and_logit_biases_as_the_api_does(tiny_model_di
     forced = run_cli("generate", "--target", str(tiny_model_dir), "--prompt", "the quick", "--max-new-tokens", "4",
                      "--logit-bias", "11:100", "--json")
     assert json.loads(forced.stdout)["token_ids"] == [11] * 4
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 99}}}
+
+
+def test_generate_follows_a_json_schema_file_as_the_api_does(tiny_model_dir, tmp_path):
+    import jsonschema
+
+    import specdec
+
+    schema_file = tmp_path / "person.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    api = specdec.load(target=str(tiny_model_dir), device="cpu").generate(
+        "the quick", max_new_tokens=60, response_format=response_format)
+    proc = run_cli("generate", "--target", str(tiny_model_dir), "--prompt", "the quick", "--max-new-tokens", "60",
+                   "--json-schema", str(schema_file), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["token_ids"] == api.token_ids
+    jsonschema.validate(json.loads(out["text"]), SCHEMA)
+    regex = run_cli("generate", "--target", str(tiny_model_dir), "--prompt", "the quick", "--regex", "[0-9]{4}",
+                    "--max-new-tokens", "10", "--json")
+    assert json.loads(regex.stdout)["text"].isdigit()
+
+
+def test_generate_refuses_a_bad_schema_or_regex_by_name(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for args, message in [(("--json-schema", str(bad)), "not JSON"), (("--json-schema", str(tmp_path / "none")),
+                                                                      "cannot read"),
+                          (("--regex", "[a-"), "bad regex")]:
+        proc = run_cli("generate", "--target", str(tiny_model_dir), "--prompt", "the quick", *args)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -22,7 +22,8 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speedup, acceptance and compute against plain decoding and peers")
     add_model_args(p, several_drafters=True)
     p.add_argument("--workload", default="all",
-                   help="JSONL file, or built-in: grounded, code, open, all (comma-separated; default: all)")
+                   help="JSONL file, or built-in: grounded, code, open, all, and json (JSON extraction under a "
+                        "schema per prompt; not in all) (comma-separated; default: all)")
     p.add_argument("--limit", type=int, help="at most this many prompts per workload")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)

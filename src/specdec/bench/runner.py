@@ -47,7 +47,7 @@ def run_benchmark(engine: Engine, runs: list[BenchRun], prompts: list[WorkloadPr
     assert runs[0].name == BASELINE, "the baseline runs first"
     encoded = [encode_prompt(engine, p) for p in prompts]
     for run in runs:  # warm-up: first-call costs (allocations, lazy init) stay out of the numbers
-        run(encoded[0], min(8, max_new_tokens), temperature, seed)
+        run(encoded[0], min(8, max_new_tokens), temperature, seed, **_constraint(run, prompts[0]))
     results = BenchResults(config=config, runs=[r.name for r in runs])
     bar = tqdm(total=len(prompts) * repeats * len(runs), desc="bench", unit="run", disable=not progress)
     for prompt, ids in zip(prompts, encoded):
@@ -56,12 +56,14 @@ def run_benchmark(engine: Engine, runs: list[BenchRun], prompts: list[WorkloadPr
             order = [runs[0]] + _rotate(runs[1:], repeat)
             baseline_ids: list[int] | None = None
             for run in order:
+                bar.update()
+                if prompt.response_format is not None and run.kind == "peer":
+                    continue  # the peers measured here take no response_format
                 bar.set_postfix_str(f"{prompt.id} / {run.name}", refresh=False)
-                result = run(ids, max_new_tokens, temperature, seed + repeat)
+                result = run(ids, max_new_tokens, temperature, seed + repeat, **_constraint(run, prompt))
                 if run.name == BASELINE:
                     baseline_ids = result.token_ids
                 results.measurements.append(_measurement(prompt, run, repeat, result, baseline_ids, temperature))
-                bar.update()
     bar.close()
     return results
 
@@ -81,6 +83,11 @@ def _rotate(items: list, by: int) -> list:
         return items
     by %= len(items)
     return items[by:] + items[:by]
+
+
+def _constraint(run: BenchRun, prompt: WorkloadPrompt) -> dict[str, Any]:
+    """The prompt's response_format, for the runs that take one (specdec's own)."""
+    return {} if prompt.response_format is None or run.kind == "peer" else {"response_format": prompt.response_format}
 
 
 def encode_prompt(engine: Engine, prompt: WorkloadPrompt) -> list[int]:

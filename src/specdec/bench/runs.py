@@ -36,9 +36,10 @@ class SpecdecRun:
         self._target_flops = engine.target.flops_per_token()
         self._draft_flops = engine.draft_model.flops_per_token() if engine.draft_model is not None else 0.0
 
-    def __call__(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> RunResult:
+    def __call__(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int,
+                 response_format: dict | None = None) -> RunResult:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                num_draft_tokens=self.num_draft_tokens)
+                                num_draft_tokens=self.num_draft_tokens, response_format=response_format)
         device = self.engine.target.device
         elapsed, out = _timed(device, self.engine.start(prompt_ids, params).run)
         s = out.stats

@@ -1,6 +1,7 @@
 """Benchmark workloads: built-in (written by the project) or a user's JSONL file.
 
-A row is {"prompt": str, "category": str, "id": str?} or {"messages": [...], "category": ...}.
+A row is {"prompt": str, "category": str, "id": str?} or {"messages": [...], "category": ...}, with
+an optional "response_format" (OpenAI's, or response_format.py's extensions) that its output follows.
 """
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpecDecError
+from ..errors import InvalidRequestError, SpecDecError
+from ..response_format import ResponseFormat
 from ..jsonl import jsonl_rows
 
 BUILTIN = ("grounded", "code", "open")
+# Built in but not in 'all': JSON extraction under a schema per prompt (structured outputs).
+CONSTRAINED = ("json",)
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class WorkloadPrompt:
     category: str
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 def load_workload(spec: str, limit: int | None = None) -> list[WorkloadPrompt]:
@@ -32,7 +37,7 @@ def load_workload(spec: str, limit: int | None = None) -> list[WorkloadPrompt]:
     for name in names:
         if name == "all":
             prompts += [p for n in BUILTIN for p in _limit(_builtin(n), limit)]
-        elif name in BUILTIN:
+        elif name in BUILTIN + CONSTRAINED:
             prompts += _limit(_builtin(name), limit)
         else:
             prompts += _limit(_read(Path(name).expanduser()), limit)
@@ -50,7 +55,8 @@ def _builtin(name: str) -> list[WorkloadPrompt]:
 
 def _read(path: Path) -> list[WorkloadPrompt]:
     if not path.is_file():
-        raise SpecDecError(f"workload {str(path)!r} is neither a file nor a built-in name ({', '.join(BUILTIN)}, all)")
+        raise SpecDecError(f"workload {str(path)!r} is neither a file nor a built-in name "
+                           f"({', '.join(BUILTIN + CONSTRAINED)}, all)")
     return _parse(path.read_text(encoding="utf-8"), str(path))
 
 
@@ -62,9 +68,14 @@ def _parse(text: str, source: str) -> list[WorkloadPrompt]:
         prompt, messages = row.get("prompt"), row.get("messages")
         if not (isinstance(prompt, str) and prompt) and not (isinstance(messages, list) and messages):
             raise SpecDecError(f"{source}, line {number}: needs a non-empty 'prompt' string or 'messages' list")
+        response_format = row.get("response_format")
+        try:
+            ResponseFormat.parse(response_format)
+        except InvalidRequestError as exc:
+            raise SpecDecError(f"{source}, line {number}: {exc}") from None
         rows.append(WorkloadPrompt(str(row.get("id", f"{Path(source).stem}-{number}")),
                                    str(row.get("category", "default")), prompt if isinstance(prompt, str) else None,
-                                   messages if isinstance(messages, list) else None))
+                                   messages if isinstance(messages, list) else None, response_format))
     if not rows:
         raise SpecDecError(f"{source} has no prompts")
     return rows

@@ -110,8 +110,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                       default_max_tokens: int, kind: str):
         """Submit one request and answer it whole or as a stream; `kind` is "completion" or "chat"."""
         rid = protocol.new_id("cmpl" if kind == "completion" else "chatcmpl")
-        handles = _submit_choices(start, scheduler, _sampling_params(body, default_max_tokens), body.n or 1, rid,
-                                  config.request_timeout_s)
+        params = _sampling_params(body, default_max_tokens)
+        submit = (start, scheduler, params, body.n or 1, rid, config.request_timeout_s, asyncio.get_running_loop())
+        # A grammar compiles off the event loop (the first one also builds the tokenizer's
+        # grammar form: seconds for a large vocabulary), so other requests' streams go on.
+        handles = (await asyncio.to_thread(_submit_choices, *submit) if params.response_format is not None
+                   else _submit_choices(*submit))
         model, drafter = config.model_name, engine.drafter_name
         shape = protocol.completion_logprobs if kind == "completion" else protocol.chat_logprobs
 
@@ -221,7 +225,8 @@ def _sampling_params(body: protocol._Sampling, default_max_tokens: int) -> Sampl
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0, seed=body.seed, num_draft_tokens=body.num_draft_tokens, stop=stop,
             logprobs=body.requested_logprobs(), presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0, logit_bias=body.token_biases())
+            frequency_penalty=body.frequency_penalty or 0.0, logit_bias=body.token_biases(),
+            response_format=body.response_format)
     except InvalidRequestError as exc:
         raise _with_openai_field(exc) from None
 
@@ -235,14 +240,14 @@ def _with_openai_field(exc: InvalidRequestError) -> InvalidRequestError:
 
 
 def _submit_choices(start: Callable[[SamplingParams], Generation], scheduler: Scheduler, params: SamplingParams,
-                    n: int, rid: str, timeout_s: float | None) -> list[RequestHandle]:
+                    n: int, rid: str, timeout_s: float | None, loop: asyncio.AbstractEventLoop) -> list[RequestHandle]:
     """A request's n choices, each its own sequence in the batch. A seeded request's choice i
     samples with seed + i: distinct, and each reproducible alone. If one cannot be queued, none is."""
     handles: list[RequestHandle] = []
     try:
         for i in range(n):
             choice = params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**63)
-            handles.append(_submit(start, scheduler, choice, rid if n == 1 else f"{rid}-{i}", timeout_s))
+            handles.append(_submit(start, scheduler, choice, rid if n == 1 else f"{rid}-{i}", timeout_s, loop))
     except BaseException:
         for handle in handles:
             handle.cancel()
@@ -251,11 +256,11 @@ def _submit_choices(start: Callable[[SamplingParams], Generation], scheduler: Sc
 
 
 def _submit(start: Callable[[SamplingParams], Generation], scheduler: Scheduler, params: SamplingParams, rid: str,
-            timeout_s: float | None) -> RequestHandle:
+            timeout_s: float | None, loop: asyncio.AbstractEventLoop) -> RequestHandle:
     """Validate and queue: nothing is allocated here (the scheduler's thread does that)."""
     try:
         generation = start(params)
-        return scheduler.submit(generation, asyncio.get_running_loop(), rid, timeout_s)
+        return scheduler.submit(generation, loop, rid, timeout_s)
     except InvalidRequestError as exc:
         raise _with_openai_field(exc) from None
     except QueueFullError as exc:

@@ -45,9 +45,11 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (a decimal string, as JSON keys are) -> bias
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
+    # OpenAI's json_object / json_schema, and the extensions regex, grammar (Lark) and choice:
+    # response_format.py reads it.
+    response_format: dict[str, Any] | None = None
     # Accepted only at the value that changes nothing (below, `unsupported`): a request that
     # asks for more is refused with a 400 that names the field.
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None
@@ -59,7 +61,7 @@ class _Sampling(BaseModel):
         inert: dict[str, tuple] = {
             "tools": (None, []),
             "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-            "response_format": (None, {"type": "text"}), **self._inert_extra(),
+            **self._inert_extra(),
         }
         for name, allowed in inert.items():
             value = getattr(self, name)
