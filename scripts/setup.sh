@@ -26,7 +26,7 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
 fi
 
 say "installing specdec and its extras"
-pip install -q -e ".[test,serve,bench]"
+pip install -q -e ".[test,serve,bench,ray]"
 
 if [ "${SPECDEC_SKIP_LLAMA_CPP:-0}" != "1" ] && ! "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
   mkdir -p "$WHEEL_CACHE"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -14,14 +15,18 @@ from specdec.server.background import free_port
 @contextlib.contextmanager
 def running_server(*args: str, env: dict | None = None, timeout: float = 120.0):
     port = free_port()
+    # Its output goes to a file, not a pipe: a pipe nobody reads fills up (Ray's replicas log
+    # every request) and then blocks the server.
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "specdec.cli", "serve", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{proc.stdout.read()}")
+                log.seek(0)
+                raise RuntimeError(f"server exited early:\n{log.read()}")
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
@@ -34,9 +39,10 @@ def running_server(*args: str, env: dict | None = None, timeout: float = 120.0):
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 @contextlib.contextmanager
@@ -57,3 +63,20 @@ def metric_samples(base: str) -> dict[tuple[str, tuple], float]:
 
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text) for s in family.samples}
+
+
+def wait_until_serving(base: str, model: str, timeout: float = 60.0) -> None:
+    """Until a completion succeeds: Ray Serve's proxy answers /health from a replica before it
+    knows every route (a POST may get 405 for a few seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": "a", "max_tokens": 1},
+                                  timeout=30)
+            if response.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base} does not serve completions")
+        time.sleep(0.5)

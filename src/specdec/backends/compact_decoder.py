@@ -324,16 +324,20 @@ class CompactDecoder(CausalLM, SharesContext, CoversContext, ExposesFeatures):
             q, k, v = qkv.split([self._heads, self._kv_heads, self._kv_heads], dim=1)
             q = rotate(F.rms_norm(q, (d,), layer.q_norm, self._eps), cos, sin)
             k = rotate(F.rms_norm(k, (d,), layer.k_norm, self._eps), cos, sin)
-        out = linear(attend(layer, index, q, k, v), layer.o).float()
+        out = self._reduce(linear(attend(layer, index, q, k, v), layer.o).float())
         if layer.post_attention_norm is not None:
             out = F.rms_norm(out, (out.shape[-1],), layer.post_attention_norm, self._eps)
         hidden = hidden + out
         x = F.rms_norm(hidden, (hidden.shape[-1],), layer.pre_mlp_norm, self._eps).to(self.dtype)
         gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)
-        out = linear(self._act(gate) * up, layer.down).float()
+        out = self._reduce(linear(self._act(gate) * up, layer.down).float())
         if layer.post_mlp_norm is not None:
             out = F.rms_norm(out, (out.shape[-1],), layer.post_mlp_norm, self._eps)
         return hidden + out
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The attention and MLP outputs, whole (tensor_parallel.py sums its ranks' parts here)."""
+        return partial
 
     def _attend(self, layer: Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: CompactCache,
                 index: int, start: int, mask: torch.Tensor | None) -> torch.Tensor:

@@ -82,7 +82,8 @@ class LlamaCppCausalLM(CausalLM, ExposesFeatures):
         except ValueError as exc:
             raise ModelLoadError(f"llama.cpp cannot load {path}: {exc}") from exc
         params = llama_cpp.llama_context_default_params()
-        threads = n_threads or max(1, os.cpu_count() or 1)
+        # SPECDEC_THREADS: a replica's share of the cores (server/replicas.py), not all of them
+        threads = n_threads or int(os.environ.get("SPECDEC_THREADS") or 0) or max(1, os.cpu_count() or 1)
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = max_sequences

@@ -24,12 +24,31 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take, waiting included; then HTTP 504 (0: no limit; default 600)")
+    p.add_argument("--replicas", metavar="N|auto",
+                   help="run N copies of the server (or 'auto': between --min-replicas and --max-replicas by "
+                        "load) behind Ray Serve's proxy on --host:--port; needs the ray extra")
+    p.add_argument("--min-replicas", type=int, default=1, help="--replicas auto: the fewest (default 1)")
+    p.add_argument("--max-replicas", type=int, default=4, help="--replicas auto: the most (default 4)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds a replica being removed may finish its requests (default 60)")
     p.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        from .replicas import serve_replicas
+
+        return serve_replicas(args, build_app)
     import uvicorn
 
+    app = build_app(args)
+    logging.getLogger("specdec").info("serving on http://%s:%d", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def build_app(args: argparse.Namespace):
+    """The server's FastAPI app for `specdec serve`'s arguments: load the engine, size its batch."""
     from ..model_args import load_engine
     from .app import ServerConfig, create_app
 
@@ -43,10 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=name, max_running=args.max_concurrency, max_waiting=args.max_queue,
                           api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                           request_timeout_s=args.request_timeout or None)
-    logging.getLogger("specdec").info("serving %r with drafter %r on http://%s:%d", name, engine.drafter_name,
-                                      args.host, args.port)
-    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level="info")
-    return 0
+    logging.getLogger("specdec").info("serving %r with drafter %r", name, engine.drafter_name)
+    return create_app(engine, config)
 
 
 def _model_id(target_name: str) -> str:

@@ -43,6 +43,10 @@ class ServerMetrics:
                                              buckets=LATENCY_BUCKETS, registry=r)
         self.request_latency = Histogram("specdec_request_latency_seconds", "Arrival to last output token",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        # Set to 1 with the replica's process id where Ray Serve runs replicas (replicas.py): each
+        # scrape names the replica whose counters it read.
+        self.replica_info = Gauge("specdec_replica_info", "The replica serving these metrics", ["replica"],
+                                  registry=r)
 
     def count(self, endpoint: str, status: int) -> None:
         """One answered HTTP request, by its route's template and the status it ended with (a

@@ -1,0 +1,75 @@
+"""One rank of the tensor-parallel test (test_tensor_parallel.py): the tiny targets split over
+the gloo group, every generation of the test's list, rank 0 writing the token ids as JSON.
+Usage: python tensor_parallel_worker.py RANK WORLD INIT_FILE OUT_JSON"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tiny  # noqa: E402
+from exactness import PROMPTS  # noqa: E402
+
+from specdec import Engine, SamplingParams  # noqa: E402
+from specdec.backends.compact_decoder import CompactDecoder  # noqa: E402
+from specdec.backends.tensor_parallel import TensorParallelDecoder  # noqa: E402
+
+SETTINGS = [dict(num_draft_tokens=0), dict(num_draft_tokens=3), dict(num_draft_tokens=6),
+            dict(num_draft_tokens=3, temperature=0.8, seed=11)]
+
+
+def targets() -> dict:
+    """The tiny Llama (4 heads, 2 key-value heads) and a Gemma 3 of the same split, its sliding window crossed."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                              sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    gemma = Gemma3ForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():
+        gemma.get_output_embeddings().weight.mul_(8.0)
+    return {"llama": tiny.llama(seed=0), "gemma3": gemma}
+
+
+def generations(decoder) -> dict:
+    # Fixed k only: the adaptive k follows each rank's own timings, and ranks that chose different
+    # k would run different passes (the loop is SPMD; deciding k on rank 0 for all is not built).
+    engine = Engine(decoder, drafter="ngram")
+    out = {}
+    for i, settings in enumerate(SETTINGS):
+        params = SamplingParams(max_new_tokens=24, **settings)
+        out[f"alone-{i}"] = [engine.start(p, params).run().token_ids for p in PROMPTS]
+    batch = [engine.start(p, SamplingParams(max_new_tokens=24, num_draft_tokens=k))
+             for p, k in zip(PROMPTS, (2, 4, 0, 3, 1, 6))]
+    while not all(g.finished for g in batch):
+        engine.batch_stepper.step([g for g in batch if not g.finished])
+    out["batch"] = [g.output().token_ids for g in batch]
+    return out
+
+
+def main() -> None:
+    rank, world, init_file, out_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for family, model in targets().items():
+            split = TensorParallelDecoder(model, f"tp-{family}", torch.float64, {2}, tiny.VOCAB)
+            results[family] = {"tensor_parallel": generations(split)}
+            if rank == 0:
+                whole = CompactDecoder(model, f"one-{family}", torch.float64, {2}, tiny.VOCAB)
+                results[family]["one_process"] = generations(whole)
+        if rank == 0:
+            Path(out_file).write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
