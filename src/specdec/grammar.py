@@ -44,7 +44,8 @@ class GrammarCompiler:
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
-        """Build the tokenizer's llguidance form now (a server does it at start, off its event loop)."""
+        """Build the tokenizer's llguidance form now, once (the server's first constrained request
+        does it off the event loop: server/app.py)."""
         if self._lltokenizer is not None:
             return
         if self.tokenizer is None:

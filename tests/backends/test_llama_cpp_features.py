@@ -68,7 +68,10 @@ def test_the_shipped_feature_head_gives_the_plain_output_and_is_accepted(engine,
             assert float(top2[0] - top2[1]) < 0.5, f"divergence at {i} is not a near-tie"
         drafted += spec.stats.drafted_tokens
         accepted += spec.stats.accepted_tokens
-    assert accepted / drafted > 0.3  # a trained head: a random one is accepted ~0 % here
+    # A trained head: a random one is accepted ~0 % here. At a fixed k of 4 on these prompts the
+    # shipped head (session 19) is accepted 27 % alone (session 18's: over 30 %; on the bench's
+    # prompts at the adaptive k the new one is accepted more: 60 % against 51 %).
+    assert accepted / drafted > 0.2
 
 
 def test_sampled_output_with_the_feature_head_is_seeded_and_finishes(engine):
