@@ -4,6 +4,8 @@
 #                                       single-request benchmark (exactness, plain, speculative table)
 #   bash scripts/gpu_check.sh serving   batched serving at loads 1 and 8, and where the host's time goes
 #   bash scripts/gpu_check.sh feature   the graph and feature-head tests, and the feature head's speculative table
+#   bash scripts/gpu_check.sh tp        tensor parallelism: the 8B shape split over the machine's GPUs
+#                                       (WORLD, default 2; a kind with >= 2 GPUs) against one GPU
 #   bash scripts/gpu_check.sh grammar   the graph tests, structured outputs among them (the machine lacks
 #                                       llguidance: carry its wheel in build/wheels, installed offline here)
 set -uo pipefail
@@ -26,9 +28,12 @@ case "${1:-check}" in
     ls build/wheels/llguidance-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps build/wheels/llguidance-*.whl
     python3 -m pytest -q -p no:cacheprovider tests/backends/test_graph_decoder.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
     ;;
+  tp)
+    python3 scripts/gpu_tensor_parallel.py --world "${WORLD:-2}" 2>&1 | tee "$OUT/gpu_tensor_parallel.log" | tail -8
+    ;;
   serving)
     python3 scripts/gpu_serving.py --concurrency "${LOADS:-1,8}" 2>&1 | tee "$OUT/gpu_serving.log" | tail -20
     python3 scripts/gpu_host_gaps.py 2>&1 | tee "$OUT/gpu_host_gaps.log" | tail -8
     ;;
-  *) echo "usage: gpu_check.sh check|serving|feature|grammar" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh check|serving|feature|grammar|tp" >&2; exit 2 ;;
 esac

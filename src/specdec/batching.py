@@ -58,6 +58,8 @@ class BatchStepper:
         self.planner.layout = self.target.batch_layout  # set per step: a pool reserved later pads
         joining = not all(g.prefilled for g in generations)  # a prompt is read in this step
         ks = self.planner.plan([g.policy for g in generations], [g.draft_budget for g in generations])
+        if any(g.policy.adaptive for g in generations):  # from timings: a split target runs rank 0's
+            ks = self.target.agreed_draft_lengths(ks)
         # Drafts are not waited for (timed=False): on a GPU the verify pass is queued behind
         # them while they run, and the clock times them on the device.
         clock = _DraftClock(self.target.device)

@@ -277,7 +277,12 @@ class Generation:
         room = min(budget, MAX_DRAFT_TOKENS)  # what a verify pass takes
         if self.grammar is not None and (forced := self.grammar.forced(room)):
             return forced_proposal(forced)  # the drafter sits this step out and is not told
-        k = self.policy.next(budget) if k is None else min(k, budget)
+        if k is None:
+            k = self.policy.next(budget)
+            if self.policy.adaptive:  # a k from timings: every process of a split target runs rank 0's
+                k = self.target.agreed_draft_lengths([k])[0]
+        else:
+            k = min(k, budget)
         if k == 0:
             return empty_proposal()
         proposal = yield from self.drafter.proposal_steps(self.tokens[: self.length], k, self.params, self.generator)

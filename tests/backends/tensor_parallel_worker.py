@@ -16,10 +16,13 @@ from exactness import PROMPTS  # noqa: E402
 
 from specdec import Engine, SamplingParams  # noqa: E402
 from specdec.backends.compact_decoder import CompactDecoder  # noqa: E402
-from specdec.backends.tensor_parallel import TensorParallelDecoder  # noqa: E402
+from specdec.backends.graph_decoder import GraphDecoder  # noqa: E402
+from specdec.backends.tensor_parallel import TensorParallelDecoder, TensorParallelGraphDecoder  # noqa: E402
 
+# The CPU decoder, and the GPU path's graph decoder (its steps run eagerly off CUDA)
+PATHS = {"compact": (TensorParallelDecoder, CompactDecoder), "graph": (TensorParallelGraphDecoder, GraphDecoder)}
 SETTINGS = [dict(num_draft_tokens=0), dict(num_draft_tokens=3), dict(num_draft_tokens=6),
-            dict(num_draft_tokens=3, temperature=0.8, seed=11)]
+            dict(num_draft_tokens=None), dict(num_draft_tokens=3, temperature=0.8, seed=11)]
 
 
 def targets() -> dict:
@@ -38,15 +41,14 @@ def targets() -> dict:
 
 
 def generations(decoder) -> dict:
-    # Fixed k only: the adaptive k follows each rank's own timings, and ranks that chose different
-    # k would run different passes (the loop is SPMD; deciding k on rank 0 for all is not built).
+    # The adaptive k (None) follows timings: the ranks run rank 0's (agreed_draft_lengths).
     engine = Engine(decoder, drafter="ngram")
     out = {}
     for i, settings in enumerate(SETTINGS):
         params = SamplingParams(max_new_tokens=24, **settings)
         out[f"alone-{i}"] = [engine.start(p, params).run().token_ids for p in PROMPTS]
     batch = [engine.start(p, SamplingParams(max_new_tokens=24, num_draft_tokens=k))
-             for p, k in zip(PROMPTS, (2, 4, 0, 3, 1, 6))]
+             for p, k in zip(PROMPTS, (None, 2, 4, 0, None, 3))]
     while not all(g.finished for g in batch):
         engine.batch_stepper.step([g for g in batch if not g.finished])
     out["batch"] = [g.output().token_ids for g in batch]
@@ -60,11 +62,15 @@ def main() -> None:
     try:
         results = {}
         for family, model in targets().items():
-            split = TensorParallelDecoder(model, f"tp-{family}", torch.float64, {2}, tiny.VOCAB)
-            results[family] = {"tensor_parallel": generations(split)}
-            if rank == 0:
-                whole = CompactDecoder(model, f"one-{family}", torch.float64, {2}, tiny.VOCAB)
-                results[family]["one_process"] = generations(whole)
+            results[family] = {}
+            for path, (split_class, whole_class) in PATHS.items():
+                if path == "graph" and family != "llama":  # the graph path's split is the same code
+                    continue
+                split = split_class(model, f"tp-{family}", torch.float64, {2}, tiny.VOCAB)
+                results[family][f"{path}, split"] = generations(split)
+                if rank == 0:
+                    whole = whole_class(model, f"one-{family}", torch.float64, {2}, tiny.VOCAB)
+                    results[family][f"{path}, one process"] = generations(whole)
         if rank == 0:
             Path(out_file).write_text(json.dumps(results))
     finally:

@@ -1,5 +1,6 @@
-"""A target split over two processes (backends/tensor_parallel.py, gloo on CPU): every greedy and
-seeded output, alone and in a batch, equals the same target in one process."""
+"""A target split over two processes (backends/tensor_parallel.py, gloo on CPU), on the CPU decoder
+and on the GPU path's graph decoder (eager here): every greedy and seeded output, alone and in a
+batch, at fixed and adaptive k, equals the same target in one process."""
 from __future__ import annotations
 
 import json
@@ -25,9 +26,9 @@ def results(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_a_target_split_over_two_processes_gives_one_process_outputs(results, family):
-    split, whole = results[family]["tensor_parallel"], results[family]["one_process"]
+@pytest.mark.parametrize("family,path", [("llama", "compact"), ("gemma3", "compact"), ("llama", "graph")])
+def test_a_target_split_over_two_processes_gives_one_process_outputs(results, family, path):
+    split, whole = results[family][f"{path}, split"], results[family][f"{path}, one process"]
     assert split.keys() == whole.keys()
     for key in whole:
         assert split[key] == whole[key], (family, key)

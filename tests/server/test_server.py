@@ -424,3 +424,34 @@ def _metric(base: str, name: str) -> float:
             if sample.name == name and not sample.labels:
                 return sample.value
     raise KeyError(name)
+
+
+def test_a_request_cancelled_while_its_grammar_compiles_cancels_what_it_submitted():
+    # A constrained request is submitted on a worker thread (the grammar compiles there); a
+    # client that leaves meanwhile must not leave its generations holding slots.
+    import asyncio
+
+    from specdec.server.app import _off_the_loop
+
+    class Handle:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    made = [Handle(), Handle()]
+
+    def slow_submit() -> list:
+        time.sleep(0.3)
+        return made
+
+    async def leave_early() -> None:
+        task = asyncio.ensure_future(_off_the_loop(slow_submit))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # the thread finishes; its handles are cancelled then
+
+    asyncio.run(leave_early())
+    assert all(handle.cancelled for handle in made)

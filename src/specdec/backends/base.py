@@ -64,6 +64,12 @@ class CausalLM(ABC):
     prompts_join_batches: bool = False
     batch_layout: BatchLayout = PACKED  # how a batched pass lays out its rows (its cost model)
 
+    def agreed_draft_lengths(self, ks: list[int]) -> list[int]:
+        """The draft lengths this step runs with, given those proposed here (k follows measured
+        timings): the proposed ones. A model split over processes (tensor_parallel.py) takes
+        rank 0's, so that every rank runs the same passes."""
+        return ks
+
     @abstractmethod
     def new_cache(self) -> Any:
         """A new sequence's cache. Call it (and every other method) from the thread that runs

@@ -105,7 +105,7 @@ class CompactDecoder(CausalLM, SharesContext, CoversContext, ExposesFeatures):
         self._gemma = family.startswith("gemma")
         body = getattr(model, model.base_model_prefix)
         self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-        self._heads, self._kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self._heads, self._kv_heads = self._head_counts(config)
         self._eps = float(config.rms_norm_eps)
         self._act = activation(config)
         self._softcap = getattr(config, "final_logit_softcapping", None)
@@ -334,6 +334,10 @@ class CompactDecoder(CausalLM, SharesContext, CoversContext, ExposesFeatures):
         if layer.post_mlp_norm is not None:
             out = F.rms_norm(out, (out.shape[-1],), layer.post_mlp_norm, self._eps)
         return hidden + out
+
+    def _head_counts(self, config) -> tuple[int, int]:
+        """(query heads, key-value heads) this process computes: all of them (tensor_parallel.py: its share)."""
+        return config.num_attention_heads, config.num_key_value_heads
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The attention and MLP outputs, whole (tensor_parallel.py sums its ranks' parts here)."""

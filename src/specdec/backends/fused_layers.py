@@ -44,6 +44,9 @@ class FusedLayers:
     eps: float
     dtype: torch.dtype
     product: Product  # the decoder's: the skinny kernel for few rows, cuBLAS beyond
+    # The attention and MLP outputs made whole: the identity, or a tensor-parallel all-reduce
+    # (tensor_parallel.py) of this rank's part
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda partial: partial  # noqa: E731
 
     def run(self, hidden: torch.Tensor, rotary: list[tuple[torch.Tensor, torch.Tensor]],
             attend: Attend) -> torch.Tensor:
@@ -54,8 +57,8 @@ class FusedLayers:
             cos, sin = rotary[layer.rope]
             x = gpu_kernels.add_rms_norm(hidden, delta, layer.input_norm, self.eps, self.dtype)
             attended = attend(i, self.product(x, layer.qkv, layer.qkv_bias), cos, sin, layer)
-            x = gpu_kernels.add_rms_norm(hidden, self.product(attended, layer.o), layer.pre_mlp_norm,
+            x = gpu_kernels.add_rms_norm(hidden, self.reduce(self.product(attended, layer.o)), layer.pre_mlp_norm,
                                          self.eps, self.dtype)
             gated = gpu_kernels.silu_mul(self.product(x, layer.gate_up))
-            delta = self.product(gated, layer.down)
+            delta = self.reduce(self.product(gated, layer.down))
         return gpu_kernels.add_rms_norm(hidden, delta, self.final_norm, self.eps, self.dtype)

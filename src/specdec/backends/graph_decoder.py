@@ -72,7 +72,7 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         self._capture_graphs = GraphCapture(self.device)
         self._graphs = self._capture_graphs.enabled  # off CUDA every step runs eagerly
         self._attention_heads = GroupedAttention(self._heads, self._kv_heads, self._head_dim, self.dtype)
-        self._fused = FusedLayers(self._layers, self._final_norm, self._eps, self.dtype, self._product)
+        self._fused = FusedLayers(self._layers, self._final_norm, self._eps, self.dtype, self._product, self._reduce)
         self._offsets = torch.arange(GRAPH_MAX_TOKENS, device=self.device)
         self._key_positions = torch.arange(self.capacity, device=self.device)
         reason = why_kernels_do_not_apply(model, self._layers, self.dtype, self._head_dim)

@@ -7,10 +7,13 @@ row-parallel (rank r multiplies its slice of their inputs), so one all-reduce af
 the ranks' parts into the whole output. Norms, embedding and head are replicated. Every rank
 runs the same loop on the same tokens (SPMD): after the all-reduces every rank holds the same
 logits, so a deterministic drafter (or a replicated draft model, or sampling with the request's
-seed) reaches the same verdict everywhere, and rank 0 answers.
+seed) reaches the same verdict everywhere, and rank 0 answers. The one choice that follows
+timings, the draft length, is rank 0's (`agreed_draft_lengths`).
 
-On CPU the group is gloo (the tests: two processes, greedy equal to one process); on GPUs,
-NCCL. Only float weights are split here (the int8 native step is a one-process path).
+`TensorParallelDecoder` splits the CPU decoder, `TensorParallelGraphDecoder` the GPU path (its
+fused kernels take the all-reduce too). On CPU the group is gloo (the tests: two processes give
+one process's outputs); on GPUs, NCCL. Only float weights are split (the int8 native step is a
+one-process path).
 """
 from __future__ import annotations
 
@@ -19,19 +22,31 @@ import torch.distributed as dist
 from torch import nn
 
 from .compact_decoder import CompactDecoder
+from .graph_decoder import GraphDecoder
 from .layers import Layer, UnsupportedArchitecture
 
 
-class TensorParallelDecoder(CompactDecoder):
-    def __init__(self, model: nn.Module, name: str, dtype: torch.dtype, eos_token_ids: set[int], vocab_size: int,
-                 group: dist.ProcessGroup | None = None) -> None:
-        """Call on every rank of `group` (default: the world) with the same model."""
+class SplitLayers:
+    """What splits a compact decoder (or the GPU path's graph decoder) over a process group;
+    mixed in before it. Call the constructor on every rank of `group` (default: the world)."""
+
+    def __init__(self, model: nn.Module, *args, group: dist.ProcessGroup | None = None, **kwargs) -> None:
         self._group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self._full = heads, kv_heads, _ = split_sizes(model.config.get_text_config(), self.world_size)
-        super().__init__(model, name, dtype, eos_token_ids, vocab_size)
-        self._heads, self._kv_heads = heads // self.world_size, kv_heads // self.world_size
+        self._full = split_sizes(model.config.get_text_config(), self.world_size)
+        super().__init__(model, *args, **kwargs)
         self._one_row_step = None  # the native step runs whole layers
+
+    def agreed_draft_lengths(self, ks: list[int]) -> list[int]:
+        """Rank 0's: each rank's adaptive k follows its own timings, and ranks that drafted
+        different lengths would run different passes."""
+        agreed = torch.tensor(ks, dtype=torch.long, device=self.device)
+        dist.broadcast(agreed, src=dist.get_global_rank(self._group, 0) if self._group else 0, group=self._group)
+        return agreed.tolist()
+
+    def _head_counts(self, config) -> tuple[int, int]:
+        heads, kv_heads, _ = self._full
+        return heads // self.world_size, kv_heads // self.world_size
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(partial, group=self._group)
@@ -55,6 +70,15 @@ class TensorParallelDecoder(CompactDecoder):
         whole.gate_up = _rows(whole.gate_up, unit_index)
         whole.down = _columns(whole.down, r * units, (r + 1) * units)
         return whole
+
+
+class TensorParallelDecoder(SplitLayers, CompactDecoder):
+    """The CPU decoder split over a process group (gloo)."""
+
+
+class TensorParallelGraphDecoder(SplitLayers, GraphDecoder):
+    """The GPU path split over a process group: on CUDA with NCCL, each step's all-reduces are
+    captured in its graph with the rest; on CPU (gloo) its steps run eagerly, as in the tests."""
 
 
 def split_sizes(config, world_size: int) -> tuple[int, int, int]:

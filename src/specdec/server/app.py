@@ -114,7 +114,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         submit = (start, scheduler, params, body.n or 1, rid, config.request_timeout_s, asyncio.get_running_loop())
         # A grammar compiles off the event loop (the first one also builds the tokenizer's
         # grammar form: seconds for a large vocabulary), so other requests' streams go on.
-        handles = (await asyncio.to_thread(_submit_choices, *submit) if params.response_format is not None
+        handles = (await _off_the_loop(_submit_choices, *submit) if params.response_format is not None
                    else _submit_choices(*submit))
         model, drafter = config.model_name, engine.drafter_name
         shape = protocol.completion_logprobs if kind == "completion" else protocol.chat_logprobs
@@ -253,6 +253,21 @@ def _submit_choices(start: Callable[[SamplingParams], Generation], scheduler: Sc
             handle.cancel()
         raise
     return handles
+
+
+async def _off_the_loop(submit: Callable[..., list[RequestHandle]], *args) -> list[RequestHandle]:
+    """`submit(*args)` on a worker thread. If this request is cancelled meanwhile (its client
+    left), the handles the thread still makes are cancelled, not left holding slots."""
+    future = asyncio.ensure_future(asyncio.to_thread(submit, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def cancel(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                for handle in done.result():
+                    handle.cancel()
+        future.add_done_callback(cancel)
+        raise
 
 
 def _submit(start: Callable[[SamplingParams], Generation], scheduler: Scheduler, params: SamplingParams, rid: str,
