@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up specdec in ./.venv on a fresh machine: torch pinned (on this project's machines pip
-# takes the local CPU wheel) unless torch is already there, the package with its test, server
-# and bench extras, and llama-cpp-python from a cached wheel (built once if missing).
+# takes the local CPU wheel) unless torch is already there, the package with its test, server,
+# bench and ray extras, and llama-cpp-python from a cached wheel (built once if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
