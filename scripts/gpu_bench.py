@@ -52,7 +52,7 @@ SHAPES = {
 
 
 def llama(shape: str, vocab: int, seed: int, dtype=torch.bfloat16, layers: int | None = None,
-          decisive: bool = False):
+          decisive: bool = False, device: str | torch.device = "cuda"):
     torch.manual_seed(seed)
     cfg = dict(SHAPES[shape]) if shape in SHAPES else dict(hidden_size=64, num_hidden_layers=2,
                                                           num_attention_heads=4, num_key_value_heads=2,
@@ -67,7 +67,7 @@ def llama(shape: str, vocab: int, seed: int, dtype=torch.bfloat16, layers: int |
     # Shapes, bytes read and kernels are those of the real architecture.
     config = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, bos_token_id=1, eos_token_id=None,
                          tie_word_embeddings=False, **cfg)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
     if decisive:
         with torch.no_grad():

@@ -28,36 +28,14 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
+from gpu_bench import llama  # noqa: E402  (the decisive random-weight targets: see there)
 from specdec import SamplingParams  # noqa: E402
 from specdec.backends.graph_decoder import GraphDecoder  # noqa: E402
 from specdec.backends.tensor_parallel import TensorParallelGraphDecoder  # noqa: E402
 from specdec.drafters.synthetic import SyntheticDrafter  # noqa: E402
 from specdec.generation import Generation  # noqa: E402
 
-SHAPES = {
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512),
-}
-
-
-def build(shape: str, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    """As scripts/gpu_bench.py's decisive target: small output projections and a head equal to the
-    embedding make greedy choices win by wide margins (random weights otherwise tie)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(max_position_embeddings=4096, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False,
-                         **SHAPES[shape])
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.mul_(1e-3)
-            layer.mlp.down_proj.weight.mul_(1e-3)
-        model.lm_head.weight.copy_(model.get_input_embeddings().weight)
-    return model
+VOCAB = {"8b": 128256, "tiny": 512}
 
 
 def timed(device: torch.device, run) -> tuple[float, object]:
@@ -103,7 +81,7 @@ def rank_main(rank: int, args, init_file: str, out_file: str) -> None:
                             world_size=args.world)
     try:
         dtype = torch.bfloat16 if cuda else torch.float32
-        model = build(args.shape, device, dtype)
+        model = llama(args.shape, VOCAB[args.shape], 0, dtype, decisive=True, device=device)
         prompt = torch.randint(3, model.config.vocab_size, (args.prompt_tokens,),
                                generator=torch.Generator().manual_seed(1)).tolist()
         split = TensorParallelGraphDecoder(model, f"{args.shape}-tp{args.world}", dtype, set(),
@@ -128,7 +106,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--shape", choices=tuple(SHAPES), default="8b")
+    p.add_argument("--shape", choices=tuple(VOCAB), default="8b")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--alpha", type=float, default=0.8)

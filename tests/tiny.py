@@ -21,13 +21,15 @@ def llama(seed: int, vocab: int = VOCAB, layers: int = 2, hidden: int = 64, dtyp
     return model
 
 
-def gemma3(seed: int, vocab: int = VOCAB, sliding_window: int = 8, dtype=torch.float64):
+def gemma3(seed: int, vocab: int = VOCAB, sliding_window: int = 8, dtype=torch.float64, heads: int = 2,
+           kv_heads: int = 1):
     """Gemma 3 family with a tiny sliding window, so cache rewinds cross the window edge."""
     from transformers import Gemma3ForCausalLM
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                              num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64 // heads,
+                              max_position_embeddings=512,
                               sliding_window=sliding_window, layer_types=["sliding_attention", "sliding_attention",
                                                                           "full_attention"],
                               bos_token_id=1, eos_token_id=2, pad_token_id=0)

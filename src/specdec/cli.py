@@ -108,22 +108,22 @@ def _response_format(args: argparse.Namespace) -> dict | None:
         return {"type": "json_object"}
     if getattr(args, "regex", None) is not None:
         return {"type": "regex", "regex": args.regex}
-    for option, kind in (("json_schema", "json_schema"), ("grammar", "grammar")):
-        path = getattr(args, option, None)
-        if path is None:
-            continue
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise SpecDecError(f"--{option.replace('_', '-')}: cannot read {path}: {exc.strerror}") from None
-        if kind == "grammar":
-            return {"type": "grammar", "grammar": text}
-        try:
-            schema = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecDecError(f"--json-schema: {path} is not JSON: {exc}") from None
-        return {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema}}
-    return None
+    if getattr(args, "grammar", None) is not None:
+        return {"type": "grammar", "grammar": _read_file(args.grammar, "--grammar")}
+    if getattr(args, "json_schema", None) is None:
+        return None
+    try:
+        schema = json.loads(_read_file(args.json_schema, "--json-schema"))
+    except json.JSONDecodeError as exc:
+        raise SpecDecError(f"--json-schema: {args.json_schema} is not JSON: {exc}") from None
+    return {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+
+
+def _read_file(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise SpecDecError(f"{option}: cannot read {path}: {exc.strerror}") from None
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

@@ -30,6 +30,7 @@ from .response_format import FIELD, ResponseFormat
 # Compact JSON (", " and ": " between items, no other whitespace): the model cannot wander
 # into whitespace, and the skeleton between values is forced, so drafted for free.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_BITS = torch.tensor([1 << i for i in range(32)], dtype=torch.int64).to(torch.int32)  # a mask word's bits
 
 
 class GrammarCompiler:
@@ -84,7 +85,6 @@ class GrammarState:
         self.matcher = matcher
         self.eos_token_ids = eos_token_ids
         self._words = (mask_size + 31) // 32
-        self._bits = torch.tensor([1 << i for i in range(32)], dtype=torch.int64).to(torch.int32)
 
     def forced(self, limit: int) -> list[int]:
         """Up to `limit` tokens the grammar forces next: free drafts."""
@@ -123,7 +123,7 @@ class GrammarState:
                 break
             consumed += 1
         self.matcher.rollback(consumed)
-        allowed = (bitmask.unsqueeze(-1) & self._bits).ne(0).view(rows, -1)[:, : logits.shape[1]]
+        allowed = (bitmask.unsqueeze(-1) & _BITS).ne(0).view(rows, -1)[:, : logits.shape[1]]
         if allowed.shape[1] < logits.shape[1]:  # columns past the tokenizer's vocabulary: never allowed
             allowed = torch.cat([allowed, allowed.new_zeros(rows, logits.shape[1] - allowed.shape[1])], dim=1)
         out = logits.float().clone()
