@@ -38,8 +38,10 @@ def matched(proposal: list[int], truth: list[int]) -> int:
     return n
 
 
-def rollout(drafter: FeatureDrafter, context: torch.Tensor, greedy: SamplingParams) -> tuple[list[int], list[float], torch.Tensor, float]:
-    """The head's K picks, its probability of each, its first distribution over columns, and seconds per feed."""
+def rollout(drafter: FeatureDrafter, context: torch.Tensor,
+            greedy: SamplingParams) -> tuple[list[int], list[float], torch.Tensor, float]:
+    """The head's K picks, its probability of each, its first distribution over its columns, and
+    seconds per feed."""
     steps = drafter.proposal_steps(context, K, greedy, None)
     feed, chances, first, started = next(steps), [], None, time.perf_counter()
     try:
