@@ -155,7 +155,9 @@ def report(prompts: list[dict], costs: dict) -> None:
     feed = costs["head_feed_ms"]
 
     def head_by_confidence(row):
-        return "head", best_prefix([rates[min(int(c * 10), 9)] for c in row["chances"]], costs, feed)
+        # a tenth no token fell in (short runs) reads as its midpoint
+        chances = [rates.get(min(int(c * 10), 9), min(int(c * 10), 9) / 10 + 0.05) for c in row["chances"]]
+        return "head", best_prefix(chances, costs, feed)
 
     def lookup_or_head(row):  # the shipped hybrid's choice, at a fixed k of 4
         return ("lookup", 4) if len(row["lookup"]) >= 2 else ("head", 2)
