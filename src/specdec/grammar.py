@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -158,8 +159,7 @@ def grammar_text(response_format: ResponseFormat) -> str:
 def _cut(proposal: DraftProposal, n: int) -> DraftProposal:
     if n >= proposal.tokens.shape[0]:
         return proposal
-    probs = None if proposal.probs is None else proposal.probs[:n]
-    return DraftProposal(proposal.tokens[:n], probs, proposal.forward_passes, proposal.positions)
+    return replace(proposal, tokens=proposal.tokens[:n], probs=None if proposal.probs is None else proposal.probs[:n])
 
 
 def _extended(proposal: DraftProposal, forced: list[int]) -> DraftProposal:
@@ -171,7 +171,7 @@ def _extended(proposal: DraftProposal, forced: list[int]) -> DraftProposal:
         onehot = probs.new_zeros(len(forced), probs.shape[1])
         onehot[torch.arange(len(forced), device=probs.device), extra.to(probs.device)] = 1.0
         probs = torch.cat([probs, onehot])
-    return DraftProposal(torch.cat([proposal.tokens, extra]), probs, proposal.forward_passes, proposal.positions)
+    return replace(proposal, tokens=torch.cat([proposal.tokens, extra]), probs=probs)
 
 
 def forced_proposal(tokens: list[int], device: torch.device | str = "cpu") -> DraftProposal:
