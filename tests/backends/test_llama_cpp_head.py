@@ -72,6 +72,56 @@ def test_q8_0_head_refuses_shapes_it_does_not_take():
     assert library.q8_0_head(blocks.ctypes.data, 4, 48, x.ctypes.data, 1, y.ctypes.data, 1) == -1  # K % 32
 
 
+needs_repacked = pytest.mark.skipif(library is None or not library.q8_0_head_repacked_available(),
+                                    reason="the repacked Q8_0 head product (AVX-512 VNNI) is not built here")
+
+
+def run_repacked(blocks: np.ndarray, x: np.ndarray, threads: int = 2) -> tuple[int, np.ndarray]:
+    rows, nb, _ = blocks.shape
+    weights, scales = np.empty((rows, nb * 32), np.uint8), np.empty((rows, nb), np.uint16)
+    assert library.q8_0_repack(blocks.ctypes.data, rows, nb * 32, weights.ctypes.data, scales.ctypes.data, threads) == 0
+    y = np.full((len(x), rows), np.nan, np.float32)
+    code = library.q8_0_head_repacked(weights.ctypes.data, scales.ctypes.data, rows, nb * 32, x.ctypes.data, len(x),
+                                      y.ctypes.data, threads)
+    return code, y
+
+
+@needs_repacked
+@pytest.mark.parametrize("positions", [1, 2, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("rows", [1, 7, 256])
+@pytest.mark.parametrize("hidden", [128, 640])  # 4 blocks; 20: a full group of 16 and a part of one
+def test_repacked_q8_0_head_equals_llama_cpp_arithmetic(positions, rows, hidden):
+    blocks = q8_0_matrix(rows, hidden, seed=rows)
+    x = (np.random.default_rng(positions).standard_normal((positions, hidden)) * 4).astype(np.float32)
+    x[0, :32] = 0.0
+    code, y = run_repacked(blocks, x)
+    assert code == 0
+    expected = reference_head(blocks, x)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@needs_repacked
+def test_repacked_q8_0_head_gives_each_position_what_it_gives_it_alone():
+    """A verify's row must equal a plain step's at that position, bit for bit, whatever the
+    number of positions beside it and the threads (greedy speculation equals plain decoding)."""
+    blocks = q8_0_matrix(300, 640, seed=3)
+    x = (np.random.default_rng(3).standard_normal((9, 640)) * 4).astype(np.float32)
+    together = run_repacked(blocks, x)[1]
+    for i in range(len(x)):
+        assert np.array_equal(run_repacked(blocks, x[i : i + 1], threads=1)[1][0], together[i])
+
+
+@needs_repacked
+def test_repacked_q8_0_head_refuses_shapes_it_does_not_take():
+    blocks = q8_0_matrix(4, 96)  # 3 blocks: they go in pairs
+    out = np.zeros((4, 96), np.uint8), np.zeros((4, 3), np.uint16)
+    assert library.q8_0_repack(blocks.ctypes.data, 4, 96, out[0].ctypes.data, out[1].ctypes.data, 1) == -1
+    x, y = np.zeros((1, 96), np.float32), np.zeros((1, 4), np.float32)
+    assert library.q8_0_head_repacked(out[0].ctypes.data, out[1].ctypes.data, 4, 96, x.ctypes.data, 1,
+                                      y.ctypes.data, 1) == -1
+    assert run_repacked(q8_0_matrix(4, 64), np.zeros((65, 64), np.float32))[0] == -1  # more positions than it holds
+
+
 def q6_k_matrix(rows: int, hidden: int, seed: int = 0) -> np.ndarray:
     """A random Q6_K matrix in GGUF's layout: per 256 values, 128 bytes of low nibbles, 64 of
     high bit pairs, 16 int8 scales and a float16 scale (210 bytes)."""
@@ -187,6 +237,24 @@ def test_split_record_is_rederived_when_its_body_is_missing(split, tmp_path, mon
     second = llama_cpp_split.split_head_for(split.source)
     assert second is not None and second.body.is_file()
     assert second.eos_token_ids == split.eos_token_ids
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_split_is_checked_again_for_a_product_it_was_not_checked_with(split, tmp_path, monkeypatch):
+    """A record checked with another product (an older kernel, another CPU's) is checked anew."""
+    import json
+
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
+    head = llama_cpp_split.split_head_for(split.source)
+    record_file = head.body.with_name("split.json")
+    record = json.loads(record_file.read_text())
+    assert record["check"]["kernel"] == head.kernel and record["check"]["passed"]
+    record["check"] = {"kernel": "another product", "passed": True}
+    record_file.write_text(json.dumps(record))
+    assert llama_cpp_split.split_head_for(split.source) is not None
+    again = json.loads(record_file.read_text())["check"]
+    assert again["kernel"] == head.kernel and "max_abs_difference" in again
 
 
 def test_split_head_can_be_turned_off(gguf_path, monkeypatch):

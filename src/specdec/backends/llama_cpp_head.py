@@ -4,7 +4,9 @@ llama.cpp multiplies the output head once per position that wants logits. A veri
 every drafted position, and Gemma 3 270M's Q8_0 head (262144 x 640, 178 MB of the 253 MB file)
 then dominates: on a 2-core EPYC, 7.2 ms a position against 4 ms for the rest of a step, so
 verifying five positions cost 43 ms, four plain steps. Our product (native/q8_0_head.c) reads
-the head once for all positions: 6.4 ms for one, 10.5 ms for five.
+the head once for all positions: 6.4 ms for one, 10.5 ms for five. Where the CPU has AVX-512
+VNNI the head is repacked at load (weights and scales apart, in huge pages) for a product near
+memory speed: 4.4 ms for one position, 5.3 for four (178 MB more memory per process).
 
 To stop llama.cpp computing its head, it runs a *body* model derived once from the GGUF: the
 same metadata and layers, no tokenizer, and an identity output matrix, so its "logits" are the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -72,6 +75,7 @@ class SplitHead:
     _head: np.ndarray = field(init=False, repr=False)
     _embed_blocks: np.ndarray | None = field(init=False, repr=False, default=None)  # Q8_0: [vocab, blocks, 34]
     _library: Any = field(init=False, repr=False)
+    _repacked: tuple[np.ndarray, np.ndarray] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._mapped = np.memmap(self.source, dtype=np.uint8, mode="r")
@@ -83,6 +87,13 @@ class SplitHead:
             self._embed_blocks = table.reshape(self.vocab_size, -1, BLOCK_BYTES)
         self._library = native_matmul.library()
         self._product = getattr(self._library, product)
+        if self.head_type == Q8_0 and self._library.q8_0_head_repacked_available() and self.hidden % 64 == 0:
+            self._repacked = _repacked_q8_0(self._library, self._head, self.vocab_size, self.hidden)
+
+    @property
+    def kernel(self) -> str:
+        """Which product computes the logits (the split check is kept per kernel)."""
+        return "q8_0_head_repacked" if self._repacked is not None else HEAD_TYPES[self.head_type][2]
 
     def embed(self, token_ids: list[int]) -> np.ndarray:
         """Input embeddings [n, hidden], float32, as llama.cpp's own lookup and input scale give them."""
@@ -111,11 +122,38 @@ class SplitHead:
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
         for start in range(0, n, MAX_POSITIONS):  # a batch of sequences can bring more positions
             count = min(MAX_POSITIONS, n - start)
-            result = self._product(self._head.ctypes.data, self.vocab_size, self.hidden,
-                                   hidden[start:].ctypes.data, count, out[start].data_ptr(), threads)
+            if self._repacked is not None:
+                weights, scales = self._repacked
+                result = self._library.q8_0_head_repacked(weights.ctypes.data, scales.ctypes.data, self.vocab_size,
+                                                          self.hidden, hidden[start:].ctypes.data, count,
+                                                          out[start].data_ptr(), threads)
+            else:
+                result = self._product(self._head.ctypes.data, self.vocab_size, self.hidden,
+                                       hidden[start:].ctypes.data, count, out[start].data_ptr(), threads)
             if result != 0:
                 raise RuntimeError(f"the head product refused {count} positions of {self.hidden} (code {result})")
         return out[:n]
+
+
+def _repacked_q8_0(library: Any, head: np.ndarray, rows: int, hidden: int) -> tuple[np.ndarray, np.ndarray]:
+    """The head's weights as unsigned bytes [rows, hidden] and its float16 scales [rows, hidden / 32]
+    (native/q8_0_head.c), in anonymous memory that asks for huge pages: streaming the head
+    through 4 kB pages of the file mapping cost ~20 % more than through 2 MB ones."""
+    weights = _huge_page_array((rows, hidden), np.uint8)
+    scales = _huge_page_array((rows, hidden // BLOCK_VALUES), np.uint16)
+    code = library.q8_0_repack(head.ctypes.data, rows, hidden, weights.ctypes.data, scales.ctypes.data,
+                               os.cpu_count() or 1)
+    if code != 0:
+        raise RuntimeError(f"repacking the Q8_0 head failed (code {code})")
+    return weights, scales
+
+
+def _huge_page_array(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(memory, dtype=dtype).reshape(shape)  # the array keeps the mapping alive
 
 
 # ---- derivation ------------------------------------------------------------------------------

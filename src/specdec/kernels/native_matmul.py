@@ -87,6 +87,11 @@ def _build_and_load() -> ctypes.CDLL | None:
     lib.q8_0_head.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int]
     lib.q8_0_head.restype = ctypes.c_int
     lib.q8_0_head_vectorized.argtypes, lib.q8_0_head_vectorized.restype = [], ctypes.c_int
+    lib.q8_0_head_repacked_available.argtypes, lib.q8_0_head_repacked_available.restype = [], ctypes.c_int
+    lib.q8_0_repack.argtypes = [pointer, size, size, pointer, pointer, ctypes.c_int]
+    lib.q8_0_repack.restype = ctypes.c_int
+    lib.q8_0_head_repacked.argtypes = [pointer, pointer, size, size, pointer, size, pointer, ctypes.c_int]
+    lib.q8_0_head_repacked.restype = ctypes.c_int
     lib.q6_k_head.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int]
     lib.q6_k_head.restype = ctypes.c_int
     lib.q6_k_head_vectorized.argtypes, lib.q6_k_head_vectorized.restype = [], ctypes.c_int
