@@ -47,6 +47,9 @@ def test_tiny_bench_writes_report_with_every_column(tiny_model_dir, tiny_draft_d
     for name in ("report.md", "speedup_by_category.png", "acceptance_by_position.png", "speedup_vs_k.png"):
         assert (out / name).stat().st_size > 0
     assert "| run |" in (out / "report.md").read_text()
+    against = {(row["run"], row["peer"]) for row in results["against_peers"]}
+    assert ("specdec-ngram k=2", "hf-assisted") in against and ("specdec-plain", "hf-plain") in against
+    assert "against each peer" in proc.stdout and "Against each peer" in (out / "report.md").read_text()
 
 
 def test_serving_bench_reports_every_load_point_and_speculative_outputs_match_plain(tiny_model_dir, tiny_draft_dir,
@@ -116,6 +119,25 @@ def test_serving_bench_refuses_bad_loads(tiny_model_dir, flags):
                            "--workload", "grounded", "--limit", "1", *flags], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "expected" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_against_peers_is_the_median_and_least_per_prompt_speedup_by_time_per_token():
+    from specdec.bench.runner import BenchResults, Measurement, against_peers
+
+    def measured(prompt, run, kind, seconds, tokens):
+        return Measurement(prompt, "code", run, kind, 0, seconds, tokens, None, None, 0.0)
+
+    results = BenchResults({}, ["specdec-plain", "specdec-ngram", "peer-plain"], [
+        measured("a", "specdec-plain", "baseline", 1.0, 10), measured("a", "specdec-ngram", "specdec", 0.5, 10),
+        measured("a", "peer-plain", "peer", 0.5, 4),  # stopped early: 0.125 s a token against 0.05
+        measured("b", "specdec-plain", "baseline", 1.0, 10), measured("b", "specdec-ngram", "specdec", 0.25, 10),
+        measured("b", "peer-plain", "peer", 1.0, 10),
+        measured("c", "specdec-plain", "baseline", 1.0, 10), measured("c", "specdec-ngram", "specdec", 1.0, 10),
+        measured("c", "peer-plain", "peer", 0.5, 10)])
+    rows = {row["run"]: row for row in against_peers(results)}
+    assert set(rows) == {"specdec-plain", "specdec-ngram"} and rows["specdec-ngram"]["peer"] == "peer-plain"
+    assert rows["specdec-ngram"]["median"] == pytest.approx(2.5)  # per prompt: 2.5, 4.0, 0.5
+    assert rows["specdec-ngram"]["least"] == pytest.approx(0.5) and rows["specdec-ngram"]["prompts"] == 3
 
 
 def test_builtin_workloads_cover_the_three_kinds():

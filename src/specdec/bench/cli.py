@@ -62,8 +62,8 @@ def _bench(args: argparse.Namespace) -> int:
     from ..backends.graph_decoder import graph_decoder_for
     from ..draft_models.self_draft import self_draft_for
     from ..loading.loader import resolve_device
-    from .report import terminal_table, write_report
-    from .runner import BASELINE, run_benchmark, summarize
+    from .report import PEER_COLUMNS, terminal_table, write_report
+    from .runner import BASELINE, against_peers, run_benchmark, summarize
     from .runs import HFGenerateRun, LlamaCppPythonRun, SpecdecRun
     from .workloads import load_workload
 
@@ -129,6 +129,8 @@ def _bench(args: argparse.Namespace) -> int:
     config.update(_measured_costs(engine, runs, prompts[0]))
     paths = write_report(results, out_dir)
     print(terminal_table(summarize(results)))
+    if peers := against_peers(results):
+        print("\nagainst each peer, prompt by prompt (time per token):\n" + terminal_table(peers, PEER_COLUMNS))
     print(f"\nreport: {paths['markdown']}\nresults: {paths['json']}", file=sys.stderr)
     mismatched = [m for m in results.measurements if m.identical_to_baseline is False and m.kind == "specdec"]
     if mismatched:

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .runner import BenchResults, summarize
+from .runner import BenchResults, against_peers, summarize
 
 COLUMNS = [
     ("run", "run", "{}"),
@@ -26,6 +26,8 @@ COLUMNS = [
 
 
 Columns = list[tuple[str, str, str]]  # (row key, title, format)
+PEER_COLUMNS = [("run", "run", "{}"), ("peer", "against", "{}"), ("median", "median speedup", "{:.2f}x"),
+                ("least", "least", "{:.2f}x"), ("prompts", "prompts", "{}")]
 
 
 def table(rows: list[dict[str, Any]], columns: Columns = COLUMNS) -> list[list[str]]:
@@ -80,6 +82,9 @@ def _markdown(results: BenchResults, rows: list[dict[str, Any]], paths: dict[str
         markdown_table(rows),
         "",
     ]
+    if peers := against_peers(results):
+        lines += ["Against each peer, prompt by prompt: the peer's time per token over the run's (median over "
+                  "prompts, and the least):", "", markdown_table(peers, PEER_COLUMNS), ""]
     if config.get("verify_cost_ms"):
         curve = ", ".join(f"{n}: {t:.1f}" for n, t in enumerate(config["verify_cost_ms"], 1))
         drafts = ", ".join(f"{run}: {t:.2f} ms" for run, t in config.get("draft_cost_ms", {}).items()) or "-"

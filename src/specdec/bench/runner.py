@@ -38,7 +38,7 @@ class BenchResults:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "runs": self.runs, "summary": summarize(self),
-                "measurements": [asdict(m) for m in self.measurements]}
+                "against_peers": against_peers(self), "measurements": [asdict(m) for m in self.measurements]}
 
 
 def run_benchmark(engine: Engine, runs: list[BenchRun], prompts: list[WorkloadPrompt], max_new_tokens: int,
@@ -170,3 +170,27 @@ def _per_position(stats: list[dict[str, Any]]) -> list[float]:
 def _fraction(flags: list[bool | None]) -> float | None:
     known = [f for f in flags if f is not None]
     return sum(known) / len(known) if known else None
+
+
+def against_peers(results: BenchResults) -> list[dict[str, Any]]:
+    """Per prompt, each peer's median time per token over each specdec run's (speedup over the
+    peer, prompt by prompt): the median and the least over prompts, per run and peer. Time per
+    token, since a peer's greedy output may end at another length (its kernels round near-ties
+    apart)."""
+    per_token: dict[tuple[str, str], list[float]] = {}
+    kinds: dict[str, str] = {}
+    for m in results.measurements:
+        if m.tokens:
+            per_token.setdefault((m.prompt_id, m.run), []).append(m.wall_time_s / m.tokens)
+            kinds[m.run] = m.kind
+    prompts = list(dict.fromkeys(prompt for prompt, _ in per_token))
+    peers = [run for run in results.runs if kinds.get(run) == "peer"]
+    rows = []
+    for run in (r for r in results.runs if kinds.get(r) != "peer"):
+        for peer in peers:
+            ratios = [statistics.median(per_token[(p, peer)]) / statistics.median(per_token[(p, run)])
+                      for p in prompts if (p, peer) in per_token and (p, run) in per_token]
+            if ratios:
+                rows.append({"run": run, "peer": peer, "median": statistics.median(ratios), "least": min(ratios),
+                             "prompts": len(ratios)})
+    return rows
