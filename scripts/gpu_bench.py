@@ -337,23 +337,22 @@ def feature_rows(target, target_hf, prompt, reference, plain, t_costs, vocab, ne
     from specdec.draft_models.feature_head import FeatureHead, GraphFeatureDecoder, one_layer_config
     from specdec.drafters.feature import FeatureDrafter
 
-    torch.manual_seed(2)
-    head = GraphFeatureDecoder(FeatureHead(one_layer_config(target_hf.config)), target,
-                               torch.arange(FEATURE_HEAD_TOKENS), "feature-8b")
-    head_bytes = sum(p.numel() * p.element_size() for p in head.head.parameters()) + \
-        FEATURE_HEAD_TOKENS * target_hf.config.hidden_size * 2
-    # One head step: features staged, one graph replay (what each draft token costs).
-    cache = head.new_cache()
-    cache.features_in = torch.zeros(1, head.feature_size, device="cuda")
-    head.forward(torch.tensor([5], device="cuda"), cache, 1)
-    samples = []
-    for _ in range(30):
-        cache.features_in = cache.predicted
-        samples.append(sync_time(lambda: head.forward(torch.tensor([5], device="cuda"), cache, 1))[0])
-        head.rewind(cache, 1)
-    head.release(cache)
-    head_step_s = statistics.median(samples[5:])
-    out = {"head_step_ms": 1000 * head_step_s, "head_MB": head_bytes / 1e6,
+    int8 = os.environ.get("FEATURE_INT8") == "1"  # the head's weights in int8 (gpu_kernels.skinny_matmul_int8)
+    steps_ms = {}
+    for weights in ("bfloat16", "int8"):  # both heads' step times; the table runs the chosen one
+        torch.manual_seed(2)
+        head = GraphFeatureDecoder(FeatureHead(one_layer_config(target_hf.config)), target,
+                                   torch.arange(FEATURE_HEAD_TOKENS), "feature-8b", int8=weights == "int8")
+        steps_ms[weights] = 1000 * head_step_seconds(head)
+        if (weights == "int8") == int8:
+            chosen = head
+    head = chosen
+    width = target_hf.config.hidden_size
+    head_bytes = (sum(p.numel() for p in head.head.parameters() if p.dim() == 2) + FEATURE_HEAD_TOKENS * width) * \
+        (1 if int8 else 2)
+    head_step_s = steps_ms["int8" if int8 else "bfloat16"] / 1000
+    out = {"head_weights": "int8" if int8 else "bfloat16", "head_step_ms": 1000 * head_step_s,
+           "head_step_ms_by_weights": steps_ms, "head_MB": head_bytes / 1e6,
            "head_step_of_target_step": head_step_s / t_costs[1], "rows": []}
     print("feature head:", {k: v for k, v in out.items() if k != "rows"}, flush=True)
     for alpha in (0.6, 0.8, 0.9):
@@ -367,9 +366,24 @@ def feature_rows(target, target_hf, prompt, reference, plain, t_costs, vocab, ne
     return out
 
 
+def head_step_seconds(head) -> float:
+    """One head step: features staged, one graph replay (what each draft token costs)."""
+    cache = head.new_cache()
+    cache.features_in = torch.zeros(1, head.feature_size, device="cuda")
+    head.forward(torch.tensor([5], device="cuda"), cache, 1)
+    samples = []
+    for _ in range(30):
+        cache.features_in = cache.predicted
+        samples.append(sync_time(lambda: head.forward(torch.tensor([5], device="cuda"), cache, 1))[0])
+        head.rewind(cache, 1)
+    head.release(cache)
+    return statistics.median(samples[5:])
+
+
 def _print_feature_table(report: dict) -> None:
     feature = report["feature"]
-    print(f"\nplain {report['plain']['tok_s']:.1f} tok/s; feature head step {feature['head_step_ms']:.3f} ms "
+    print(f"\nplain {report['plain']['tok_s']:.1f} tok/s; feature head ({feature['head_weights']}) step "
+          f"{feature['head_step_ms']:.3f} ms (by weights: {feature['head_step_ms_by_weights']}) "
           f"({feature['head_step_of_target_step']:.1%} of a target step), {feature['head_MB']:.0f} MB")
     print("| alpha | k | speedup | ideal | of ideal | accepted + 1 (expected) | of ideal at drawn | tok/s | identical |\n"
           "|---|---|---|---|---|---|---|---|---|")

@@ -3,7 +3,8 @@
 #   bash scripts/gpu_check.sh check     the GPU tests (graphs captured, Triton compiled) and the
 #                                       single-request benchmark (exactness, plain, speculative table)
 #   bash scripts/gpu_check.sh serving   batched serving at loads 1 and 8, and where the host's time goes
-#   bash scripts/gpu_check.sh feature   the graph and feature-head tests, and the feature head's speculative table
+#   bash scripts/gpu_check.sh feature   the kernel, graph and feature-head tests, and the feature head's speculative table
+#                                       (FEATURE_INT8=1: the head's weights in int8)
 #   bash scripts/gpu_check.sh tp        tensor parallelism: the 8B shape split over the machine's GPUs
 #                                       (WORLD, default 2; a kind with >= 2 GPUs) against one GPU
 #   bash scripts/gpu_check.sh grammar   the graph tests alone (structured outputs among them)
@@ -29,7 +30,7 @@ case "${1:-check}" in
     python3 scripts/gpu_bench.py --repeats "${REPEATS:-2}" --no-compile 2>&1 | tee "$OUT/gpu_bench.log" | tail -40
     ;;
   feature)
-    python3 -m pytest -q -p no:cacheprovider tests/backends/test_graph_decoder.py tests/loop/test_feature_drafter.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    python3 -m pytest -q -p no:cacheprovider tests/backends/test_gpu_kernels.py tests/backends/test_graph_decoder.py tests/loop/test_feature_drafter.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
     python3 scripts/gpu_bench.py --feature-only --no-exactness --repeats "${REPEATS:-3}" 2>&1 | tee "$OUT/gpu_feature.log" | tail -25
     ;;
   grammar)

@@ -61,6 +61,19 @@ def test_skinny_matmul_rows_do_not_depend_on_how_many_rows_come():
         assert _same_row(gpu_kernels.skinny_matmul(x[i : i + 1], w)[0], together[i])
 
 
+@pytest.mark.parametrize("rows,n,k", [(1, 48, 64), (5, 40, 96), (16, 64, 256), (3, 33, 300)])
+def test_skinny_matmul_int8_matches_the_dequantized_product_and_keeps_rows_apart(rows, n, k):
+    from specdec.backends.layers import Int8Weight
+
+    x, weight = _randn(rows, k, seed=rows), Int8Weight.quantize(_randn(n, k, seed=n, dtype=torch.float32))
+    out = gpu_kernels.skinny_matmul_int8(x, weight.data, weight.scale)
+    ref = x.double() @ (weight.data.double() * weight.scale.double()[:, None]).T
+    assert out.shape == (rows, n) and out.dtype == DTYPE
+    assert _relative_error(out, ref) < TOLERANCE
+    for i in range(rows):
+        assert _same_row(gpu_kernels.skinny_matmul_int8(x[i : i + 1], weight.data, weight.scale)[0], out[i])
+
+
 def test_add_rms_norm_adds_in_place_and_normalises():
     hidden = _randn(3, 100, seed=5, dtype=torch.float32)
     delta, weight = _randn(3, 100, seed=6), _randn(100, seed=7, dtype=torch.float32)

@@ -330,18 +330,22 @@ def test_prompts_joining_a_pooled_batch_share_its_pass_and_give_each_sequence_it
 
 @pytest.mark.parametrize("kernels", [False, True])
 @pytest.mark.parametrize("k", [2, 6])
-def test_feature_head_on_the_graph_path_gives_the_plain_output(kernels, k):
+@pytest.mark.parametrize("int8", [False, True])
+def test_feature_head_on_the_graph_path_gives_the_plain_output(kernels, k, int8):
     """A feature head beside a graph-decoder target (draft_models/feature_head.py): its steps
     are captured graphs on CUDA that read staged features; a long prompt's catch-up runs the
-    packed pass. Drafts are accepted (a copy of the one-layer target's layer) and output equals
-    the path's plain output."""
+    packed pass. Drafts are accepted (a copy of the one-layer target's layer; int8: its weights
+    in int8, the skinny int8 kernel on CUDA) and output equals the path's plain output."""
+    from specdec.backends.layers import Int8Weight
     from specdec.draft_models.feature_head import GraphFeatureDecoder
 
     if kernels and DEVICE == "cpu":
         pytest.skip("the fused kernels in Triton's interpreter: covered on CUDA")
     model = tiny.llama(0, layers=1, dtype=DTYPE).to(DEVICE)
     target = GraphDecoder(model, "static", DTYPE, set(), tiny.VOCAB, 256, kernels=kernels or None)
-    head = GraphFeatureDecoder(tiny.feature_head(model.cpu(), copy=True), target, torch.arange(tiny.VOCAB), "head")
+    head = GraphFeatureDecoder(tiny.feature_head(model.cpu(), copy=True), target, torch.arange(tiny.VOCAB), "head",
+                               int8=int8)
+    assert isinstance(head._fc, Int8Weight) is int8
     model.to(DEVICE)
     engine = Engine(target, drafter="feature", draft_model=head)
     long_prompt = [1] + torch.randint(3, tiny.VOCAB, (GRAPH_MAX_TOKENS + 5,),

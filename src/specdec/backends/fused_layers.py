@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..kernels import gpu_kernels
-from .layers import Layer
+from .layers import Int8Weight, Layer
 
 Product = Callable[..., torch.Tensor]  # (x, weight, bias=None) -> x @ weight.T (+ bias)
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Layer], torch.Tensor]
@@ -29,8 +29,8 @@ def why_kernels_do_not_apply(model: nn.Module, layers: list[Layer], dtype: torch
         return "query/key or post-attention norms (the kernels fuse Llama-style layers)"
     if head_dim & (head_dim - 1) or head_dim < 16:
         return f"head size {head_dim} (a power of two from 16 is needed)"
-    if any(not isinstance(w, torch.Tensor) for layer in layers for w in (layer.qkv, layer.o, layer.gate_up)):
-        return "quantised weights"
+    if any(not isinstance(w, (torch.Tensor, Int8Weight)) for layer in layers for w in (layer.qkv, layer.o, layer.gate_up)):
+        return "quantised weights of a kind the kernels do not read"
     return None
 
 

@@ -29,7 +29,7 @@ from .features import record_features
 from .fused_layers import FusedLayers, why_kernels_do_not_apply
 from .greedy_chain import GreedyChain
 from .grouped_attention import GroupedAttention
-from .layers import UnsupportedArchitecture, attention_mask, linear
+from .layers import Int8Weight, UnsupportedArchitecture, Weight, attention_mask, linear
 from .static_cache import Slot, SlotLeases, StaticCache
 from .step_graphs import (
     GRAPH_MAX_TOKENS,
@@ -56,11 +56,13 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
     """CompactDecoder with a static cache and, on CUDA, one captured graph per step size."""
 
     def __init__(self, model: nn.Module, name: str, dtype: torch.dtype, eos_token_ids: set[int],
-                 vocab_size: int, capacity: int = DEFAULT_CAPACITY, kernels: bool | None = None) -> None:
+                 vocab_size: int, capacity: int = DEFAULT_CAPACITY, kernels: bool | None = None,
+                 int8_weights: bool = False) -> None:
         """kernels: run steps of up to gpu_kernels.MAX_ROWS positions through the Triton kernels of
         gpu_kernels (None: wherever they apply on CUDA, unless SPECDEC_GPU_KERNELS=0; True off
-        CUDA runs them in Triton's interpreter, for tests)."""
-        super().__init__(model, name, dtype, eos_token_ids, vocab_size)
+        CUDA runs them in Triton's interpreter, for tests). int8_weights: weight-only int8
+        products (a draft's steps read half the bytes)."""
+        super().__init__(model, name, dtype, eos_token_ids, vocab_size, int8_weights=int8_weights)
         self.capacity = min(capacity, self.max_context)
         self.max_context = self.capacity
         self._leases = SlotLeases(len(self._layers), self._kv_heads, self.capacity, self._head_dim, self.dtype,
@@ -450,10 +452,13 @@ class GraphDecoder(CompactDecoder, ChainsGreedySteps):
         """A step's first-layer rows: the token embeddings (a feature head's read its features too)."""
         return self.embedding(token_ids).float()
 
-    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Up to MAX_ROWS rows: the skinny kernel, whose rows do not depend on how many come;
         a batch's larger passes: cuBLAS (compute starts to count there)."""
         if self.kernels and x.shape[0] <= gpu_kernels.MAX_ROWS:
+            if isinstance(weight, Int8Weight):
+                out = gpu_kernels.skinny_matmul_int8(x.to(self.dtype).contiguous(), weight.data, weight.scale)
+                return out if bias is None else out + bias
             return gpu_kernels.skinny_matmul(x.contiguous(), weight, bias)
         out = linear(x, weight)
         return out if bias is None else out + bias

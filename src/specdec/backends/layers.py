@@ -47,7 +47,7 @@ class Int8Weight:
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] @ W.T, in x's dtype."""
-        if x.shape[0] <= INT8_KERNEL_ROWS:
+        if x.shape[0] <= INT8_KERNEL_ROWS and x.device.type == "cpu":  # the GPU's is gpu_kernels'
             out = int8_product(x, self.data, self.scale)
             if out is None:  # no native kernel: PyTorch's (bfloat16 activations: its fast path)
                 out = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.data, self.scale.to(torch.bfloat16))

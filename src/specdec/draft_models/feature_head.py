@@ -181,7 +181,7 @@ def load_feature_head(directory: str | Path, target: CausalLM, tokenizer: Any | 
                                       f"target's hidden state {target.feature_size}")
     name = f"feature head {Path(directory).name}"
     if isinstance(target, GraphDecoder):
-        return GraphFeatureDecoder(head, target, token_map, name)
+        return GraphFeatureDecoder(head, target, token_map, name, int8=bool(int8))
     if int8 is None:
         int8 = target.device.type == "cpu"
     return FeatureDecoder(head, target, token_map, name=name, int8=int8)
@@ -273,10 +273,11 @@ class GraphFeatureDecoder(_FeatureInputs, GraphDecoder):
     output; a longer catch-up (a prompt) runs the packed pass. It never joins batched graphs,
     which read token embeddings."""
 
-    def __init__(self, head: FeatureHead, target: GraphDecoder, token_map: torch.Tensor, name: str) -> None:
+    def __init__(self, head: FeatureHead, target: GraphDecoder, token_map: torch.Tensor, name: str,
+                 int8: bool = False) -> None:
         head = head.to(target.device, target.dtype)
         super().__init__(head.model, name, target.dtype, set(target.eos_token_ids), target.vocab_size,
-                         capacity=target.capacity, kernels=target.kernels)
+                         capacity=target.capacity, kernels=target.kernels, int8_weights=int8)
         self._attach(head, target, token_map)
 
     def forward(self, token_ids: torch.Tensor, cache: Any, num_logits: int) -> torch.Tensor:

@@ -143,6 +143,49 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y
 
 
+# ---- the same products against int8 weights (a draft's: half the bytes a step reads) ----------
+if triton is not None:
+
+    @triton.jit
+    def _skinny_matmul_int8_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_x, stride_y, IEEE: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   GDC: tl.constexpr):
+        _after_previous_kernel(GDC)
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            x = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :], mask=(rows[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=(cols[:, None] < N) & (kk[None, :] < K),
+                        other=0)
+            w = tl.trans(w.to(x.dtype))  # int8 values are exact in every float type
+            if IEEE:
+                acc += tl.dot(x, w, input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
+        scale = tl.load(scale_ptr + cols, mask=cols < N, other=0.0)
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], (acc * scale[None, :]).to(y_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def skinny_matmul_int8(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [m, k] @ (data [n, k] int8 * scale [n, 1]).T -> [m, n] in x's dtype, m <= MAX_ROWS; each
+    output row from its own row of x, as skinny_matmul's."""
+    m = x.shape[0]
+    n, k = data.shape
+    if m > MAX_ROWS or not data.is_contiguous() or x.stride(-1) != 1:
+        raise ValueError(f"skinny_matmul_int8 takes at most {MAX_ROWS} rows, contiguous")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages = skinny_config(n, k)
+    _skinny_matmul_int8_kernel[(triton.cdiv(n, block_n),)](
+        x, data, scale, y, m, n, k, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        **_launch_options(warps, stages))
+    return y
+
+
 # ---- SiLU gating ------------------------------------------------------------------------------
 if triton is not None:
 
