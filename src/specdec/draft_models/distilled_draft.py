@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -284,14 +284,19 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def _check_identity(directory: Path, recorded: dict[str, Any], actual: TargetIdentity) -> None:
-    problems = []
-    for field in ("model_type", "vocab_size", "hidden_size"):
-        if recorded.get(field) != getattr(actual, field):
-            problems.append(f"{field} {recorded.get(field)!r} (target: {getattr(actual, field)!r})")
-    if recorded.get("vocabulary_key") and actual.vocabulary_key and recorded["vocabulary_key"] != actual.vocabulary_key:
+def identity_mismatches(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """How the target a draft was made for (`recorded`) differs from this one (`actual`): each of
+    actual's fields as is, the vocabulary key only where both have one (no tokenizer: no key)."""
+    problems = [f"{name} {recorded.get(name)!r} (target: {value!r})" for name, value in actual.items()
+                if name != "vocabulary_key" and recorded.get(name) != value]
+    key = actual.get("vocabulary_key")
+    if recorded.get("vocabulary_key") and key and recorded["vocabulary_key"] != key:
         problems.append("a different tokenizer vocabulary")
-    if problems:
+    return problems
+
+
+def _check_identity(directory: Path, recorded: dict[str, Any], actual: TargetIdentity) -> None:
+    if problems := identity_mismatches(recorded, asdict(actual)):
         raise VocabularyMismatchError(f"the draft in {directory} was distilled for another target: "
                                       + "; ".join(problems) + ". Distil a draft for this target with specdec distill")
 

@@ -40,6 +40,7 @@ from .distilled_draft import (
     _empty_module,
     _read_token_map,
     body_of,
+    identity_mismatches,
     stored_weights,
 )
 
@@ -71,11 +72,7 @@ def target_identity(target: ExposesFeatures, tokenizer: Any | None) -> dict[str,
 
 
 def check_identity(directory: Path, recorded: dict[str, Any], actual: dict[str, Any]) -> None:
-    problems = [f"{name} {recorded.get(name)!r} (target: {actual[name]!r})" for name in ("vocab_size", "hidden_size")
-                if recorded.get(name) != actual[name]]
-    if recorded.get("vocabulary_key") and actual["vocabulary_key"] and recorded["vocabulary_key"] != actual["vocabulary_key"]:
-        problems.append("a different tokenizer vocabulary")
-    if problems:
+    if problems := identity_mismatches(recorded, actual):
         raise VocabularyMismatchError(f"the feature head in {directory} was trained for another target: "
                                       + "; ".join(problems) + ". Train one for this target with "
                                       "specdec distill --method feature")
