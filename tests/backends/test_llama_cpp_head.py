@@ -50,20 +50,6 @@ def run_head(blocks: np.ndarray, x: np.ndarray, threads: int = 2) -> tuple[int, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("positions", [1, 2, 3, 4, 5, 8, 9, 17])
-@pytest.mark.parametrize("rows", [1, 7, 256])
-def test_q8_0_head_equals_llama_cpp_arithmetic(positions, rows):
-    blocks = q8_0_matrix(rows, 128, seed=rows)
-    x = (np.random.default_rng(positions).standard_normal((positions, 128)) * 4).astype(np.float32)
-    x[0, :32] = 0.0  # an all-zero block: scale 0, no division by it
-    code, y = run_head(blocks, x)
-    assert code == 0
-    expected = reference_head(blocks, x)
-    # every row and position written, each within float32 rounding of the sums
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-
-
-@needs_kernel
 def test_q8_0_head_refuses_shapes_it_does_not_take():
     blocks = q8_0_matrix(4, 64)
     assert run_head(blocks, np.zeros((65, 64), np.float32))[0] == -1  # more positions than it holds
@@ -86,17 +72,19 @@ def run_repacked(blocks: np.ndarray, x: np.ndarray, threads: int = 2) -> tuple[i
     return code, y
 
 
-@needs_repacked
+@pytest.mark.parametrize("product", [pytest.param(run_head, id="gguf-layout", marks=needs_kernel),
+                                     pytest.param(run_repacked, id="repacked", marks=needs_repacked)])
 @pytest.mark.parametrize("positions", [1, 2, 3, 4, 5, 8, 9, 17])
 @pytest.mark.parametrize("rows", [1, 7, 256])
-@pytest.mark.parametrize("hidden", [128, 640])  # 4 blocks; 20: a full group of 16 and a part of one
-def test_repacked_q8_0_head_equals_llama_cpp_arithmetic(positions, rows, hidden):
+@pytest.mark.parametrize("hidden", [128, 640])  # repacked: 4 blocks; 20, a full group of 16 and a part of one
+def test_q8_0_head_equals_llama_cpp_arithmetic(product, positions, rows, hidden):
     blocks = q8_0_matrix(rows, hidden, seed=rows)
     x = (np.random.default_rng(positions).standard_normal((positions, hidden)) * 4).astype(np.float32)
-    x[0, :32] = 0.0
-    code, y = run_repacked(blocks, x)
+    x[0, :32] = 0.0  # an all-zero block: scale 0, no division by it
+    code, y = product(blocks, x)
     assert code == 0
     expected = reference_head(blocks, x)
+    # every row and position written, each within float32 rounding of the sums
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 

@@ -165,8 +165,9 @@ def read_feature_head(directory: str | Path) -> tuple[FeatureHead, torch.Tensor,
 def load_feature_head(directory: str | Path, target: CausalLM, tokenizer: Any | None,
                       int8: bool | None = None) -> "FeatureDecoder":
     """The head in `directory` on `target`'s embedding and head rows: on the graph decoder beside
-    a GPU target, else on the compact decoder. int8: weight-only int8 products there (default: on
-    CPU, where a step reads each weight once)."""
+    a GPU target, else on the compact decoder. int8: weight-only int8 products (default: on CPU,
+    where a step reads each weight once; on GPU only when asked: an H200 step took 0.28 ms
+    against bfloat16's 0.38, but the loop kept less of its ideal, docs/BENCHMARKS.md)."""
     if not isinstance(target, ExposesFeatures) or not getattr(target, "feature_size", 0):
         raise SpecDecError(f"target {target.name!r} does not expose its hidden states on this backend, which a "
                            "feature head needs (torch: the compact decoder on CPU or the graph path on GPU; "

@@ -90,9 +90,11 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_x, stride_y,
-                              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, M, N, K, stride_x, stride_y,
+                              HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, IEEE: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GDC: tl.constexpr):
+        # SCALED: w is int8, each of its rows times scale[row] (converted in registers: int8
+        # values are exact in every float type, so the sum is the dequantized weight's).
         _after_previous_kernel(GDC)
         rows = tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,11 +105,14 @@ if triton is not None:
             x_mask = (rows[:, None] < M) & (kk[None, :] < K)
             x = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :], mask=x_mask, other=0.0)
             w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=(cols[:, None] < N) & (kk[None, :] < K),
-                        other=0.0)
+                        other=0)
+            w = tl.trans(w.to(x.dtype))
             if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                acc += tl.dot(x, w, input_precision="ieee")
             else:
-                acc += tl.dot(x, tl.trans(w))
+                acc += tl.dot(x, w)
+        if SCALED:
+            acc *= tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -137,40 +142,13 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty(m, n, dtype=weight.dtype, device=x.device)
     block_n, block_k, warps, stages = config or skinny_config(n, k)
     _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        **_launch_options(warps, stages))
+        x, weight, bias if bias is not None else weight, weight, y, m, n, k, x.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, SCALED=False, IEEE=weight.dtype == torch.float32, BLOCK_M=MAX_ROWS,
+        BLOCK_N=block_n, BLOCK_K=block_k, **_launch_options(warps, stages))
     return y
 
 
 # ---- the same products against int8 weights (a draft's: half the bytes a step reads) ----------
-if triton is not None:
-
-    @triton.jit
-    def _skinny_matmul_int8_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_x, stride_y, IEEE: tl.constexpr,
-                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   GDC: tl.constexpr):
-        _after_previous_kernel(GDC)
-        rows = tl.arange(0, BLOCK_M)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            x = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :], mask=(rows[:, None] < M) & (kk[None, :] < K),
-                        other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=(cols[:, None] < N) & (kk[None, :] < K),
-                        other=0)
-            w = tl.trans(w.to(x.dtype))  # int8 values are exact in every float type
-            if IEEE:
-                acc += tl.dot(x, w, input_precision="ieee")
-            else:
-                acc += tl.dot(x, w)
-        scale = tl.load(scale_ptr + cols, mask=cols < N, other=0.0)
-        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], (acc * scale[None, :]).to(y_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
 def skinny_matmul_int8(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [m, k] @ (data [n, k] int8 * scale [n, 1]).T -> [m, n] in x's dtype, m <= MAX_ROWS; each
     output row from its own row of x, as skinny_matmul's."""
@@ -180,8 +158,9 @@ def skinny_matmul_int8(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor)
         raise ValueError(f"skinny_matmul_int8 takes at most {MAX_ROWS} rows, contiguous")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = skinny_config(n, k)
-    _skinny_matmul_int8_kernel[(triton.cdiv(n, block_n),)](
-        x, data, scale, y, m, n, k, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+    _skinny_matmul_kernel[(triton.cdiv(n, block_n),)](
+        x, data, data, scale, y, m, n, k, x.stride(0), y.stride(0), HAS_BIAS=False, SCALED=True,
+        IEEE=x.dtype == torch.float32, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
         **_launch_options(warps, stages))
     return y
 

@@ -54,6 +54,39 @@ static void quantize_q8_0(const float *x, int64_t K, int8_t *q, float *d) {
     }
 }
 
+/* The positions' activations as both products read them: Q8_0 values, their scales (rows of
+ * `stride` floats, zero past the K/32 blocks) and each four-value lane's vpdpbusd start value,
+ * -128 x its values' sum (the weights go in as w + 128). */
+typedef struct {
+    int8_t *values;
+    float *scales;
+    int32_t *start;
+} Activations;
+
+static void free_activations(Activations *a) {
+    free(a->values), free(a->scales), free(a->start);
+}
+
+static size_t aligned_size(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* Returns 0, or -2 when out of memory. */
+static int quantize_activations(const float *X, int64_t n, int64_t K, int64_t stride, Activations *a) {
+    const int64_t nb = K / QK;
+    a->values = aligned_alloc(64, aligned_size((size_t)(n * K)));
+    a->scales = calloc((size_t)(n * stride), sizeof(float));
+    a->start = aligned_alloc(64, aligned_size((size_t)(n * nb * 8) * sizeof(int32_t)));
+    if (a->values == NULL || a->scales == NULL || a->start == NULL) {
+        free_activations(a);
+        return -2;
+    }
+    for (int64_t c = 0; c < n; c++) quantize_q8_0(X + c * K, K, a->values + c * K, a->scales + c * stride);
+    for (int64_t lane = 0; lane < n * nb * 8; lane++) {
+        const int8_t *v = a->values + lane * 4;
+        a->start[lane] = -128 * (v[0] + v[1] + v[2] + v[3]);
+    }
+    return 0;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __m256i lanes_of_four(__m256i w, __m256i a, __m256i start) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -132,28 +165,15 @@ int q8_0_head_vectorized(void) { return Q8_HEAD_VECTORIZED; }
  * Returns 0, -1 for a shape it does not take, -2 when out of memory. */
 int q8_0_head(const uint8_t *W, int64_t rows, int64_t K, const float *X, int64_t n, float *Y, int threads) {
     if (n < 1 || n > MAX_POSITIONS || K < QK || K % QK != 0 || rows < 1) return -1;
-    const int64_t nb = K / QK;
-    int8_t *aq = aligned_alloc(64, (size_t)(n * K));
-    float *ad = malloc((size_t)(n * nb) * sizeof(float));
-    int32_t *start = aligned_alloc(64, (size_t)(n * nb * 8) * sizeof(int32_t));
-    if (aq == NULL || ad == NULL || start == NULL) {
-        free(aq), free(ad), free(start);
-        return -2;
-    }
-    for (int64_t c = 0; c < n; c++) quantize_q8_0(X + c * K, K, aq + c * K, ad + c * nb);
-    for (int64_t lane = 0; lane < n * nb * 8; lane++) {
-        const int8_t *a = aq + lane * 4;
-        start[lane] = -128 * (a[0] + a[1] + a[2] + a[3]);
-    }
+    Activations a;
+    if (quantize_activations(X, n, K, K / QK, &a) != 0) return -2;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         int64_t begin, end;
         thread_rows(rows, &begin, &end);
-        head_rows(W, begin, end, K, aq, ad, start, n, Y, rows);
+        head_rows(W, begin, end, K, a.values, a.scales, a.start, n, Y, rows);
     }
-    free(aq);
-    free(ad);
-    free(start);
+    free_activations(&a);
     return 0;
 }
 
@@ -268,33 +288,15 @@ int q8_0_head_repacked(const uint8_t *Qu, const uint16_t *S16, int64_t rows, int
                        float *Y, int threads) {
 #if Q8_REPACKED
     if (n < 1 || n > MAX_POSITIONS || K < 2 * QK || K % (2 * QK) != 0 || rows < 1) return -1;
-    const int64_t nb = K / QK, nb16 = (nb + 15) / 16 * 16;
-    int8_t *aq = aligned_alloc(64, (size_t)(n * K));
-    float *ad = malloc((size_t)(n * nb) * sizeof(float));
-    float *ad16 = calloc((size_t)(n * nb16), sizeof(float));
-    int32_t *start = aligned_alloc(64, (size_t)(n * nb * 8) * sizeof(int32_t));
-    if (aq == NULL || ad == NULL || ad16 == NULL || start == NULL) {
-        free(aq), free(ad), free(ad16), free(start);
-        return -2;
-    }
-    for (int64_t c = 0; c < n; c++) {
-        quantize_q8_0(X + c * K, K, aq + c * K, ad + c * nb);
-        memcpy(ad16 + c * nb16, ad + c * nb, (size_t)nb * sizeof(float));
-    }
-    for (int64_t lane = 0; lane < n * nb * 8; lane++) {
-        const int8_t *a = aq + lane * 4;
-        start[lane] = -128 * (a[0] + a[1] + a[2] + a[3]);
-    }
+    Activations a; /* scales in rows of whole groups of 16 blocks, as repacked_row loads them */
+    if (quantize_activations(X, n, K, (K / QK + 15) / 16 * 16, &a) != 0) return -2;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         int64_t begin, end;
         thread_rows(rows, &begin, &end);
-        repacked_rows(Qu, S16, begin, end, K, aq, ad16, start, n, Y, rows);
+        repacked_rows(Qu, S16, begin, end, K, a.values, a.scales, a.start, n, Y, rows);
     }
-    free(aq);
-    free(ad);
-    free(ad16);
-    free(start);
+    free_activations(&a);
     return 0;
 #else
     (void)Qu, (void)S16, (void)rows, (void)K, (void)X, (void)n, (void)Y, (void)threads;
