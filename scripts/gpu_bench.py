@@ -338,15 +338,13 @@ def feature_rows(target, target_hf, prompt, reference, plain, t_costs, vocab, ne
     from specdec.drafters.feature import FeatureDrafter
 
     int8 = os.environ.get("FEATURE_INT8") == "1"  # the head's weights in int8 (gpu_kernels.skinny_matmul_int8)
-    steps_ms = {}
-    for weights in ("bfloat16", "int8"):  # both heads' step times; the table runs the chosen one
+    steps_ms, heads = {}, {}  # both heads' step times; the table runs the chosen one
+    for weights in ("bfloat16", "int8"):
         torch.manual_seed(2)
-        head = GraphFeatureDecoder(FeatureHead(one_layer_config(target_hf.config)), target,
-                                   torch.arange(FEATURE_HEAD_TOKENS), "feature-8b", int8=weights == "int8")
-        steps_ms[weights] = 1000 * head_step_seconds(head)
-        if (weights == "int8") == int8:
-            chosen = head
-    head = chosen
+        heads[weights] = GraphFeatureDecoder(FeatureHead(one_layer_config(target_hf.config)), target,
+                                             torch.arange(FEATURE_HEAD_TOKENS), "feature-8b", int8=weights == "int8")
+        steps_ms[weights] = 1000 * head_step_seconds(heads[weights])
+    head = heads["int8" if int8 else "bfloat16"]
     width = target_hf.config.hidden_size
     head_bytes = (sum(p.numel() for p in head.head.parameters() if p.dim() == 2) + FEATURE_HEAD_TOKENS * width) * \
         (1 if int8 else 2)

@@ -357,3 +357,4 @@ def test_feature_head_on_the_graph_path_gives_the_plain_output(kernels, k, int8)
         assert out.token_ids == plain, f"prompt {prompt}"
         accepted += out.stats.accepted_tokens
     assert accepted > 100
+

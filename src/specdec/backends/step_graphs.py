@@ -10,6 +10,7 @@ change), and its logits are dropped. Padding sequences write into the pool's spa
 """
 from __future__ import annotations
 
+import gc
 from itertools import accumulate
 from typing import Callable
 
@@ -63,8 +64,17 @@ class GraphCapture:
                 step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._memory):
-            step()
+        # No automatic collection mid-capture: one that frees another decoder's graphs (a dropped
+        # draft's) resets them while this stream captures, which invalidates the capture.
+        # (torch.cuda.graph collects once before capturing.)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._memory):
+                step()
+        finally:
+            if collecting:
+                gc.enable()
         return graph
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
