@@ -66,7 +66,7 @@ class GraphCapture:
         graph = torch.cuda.CUDAGraph()
         # No automatic collection mid-capture: one that frees another decoder's graphs (a dropped
         # draft's) resets them while this stream captures, which invalidates the capture.
-        # (torch.cuda.graph collects once before capturing.)
+        # torch.cuda.graph no longer collects first (only under force_cudagraph_gc).
         collecting = gc.isenabled()
         gc.disable()
         try:
