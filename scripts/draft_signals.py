@@ -122,13 +122,18 @@ def speedup(rows: list[dict], choose, costs: dict, consults_head: bool = False) 
     return len(rows) * verify[1] / spent
 
 
-def best_prefix(acceptances: list[float], costs: dict, feed_ms: float) -> int:
-    verify, tokens, reach, best, best_k = costs["verify_ms"], 1.0, 1.0, 1.0 / costs["verify_ms"][1], 0
+def head_step_ms(costs: dict, k: int) -> float:
+    """A step that drafts k tokens with the head: its k feeds and the verify of k + 1 positions."""
+    return costs["verify_ms"][k + 1] + costs["head_feed_ms"] * k
+
+
+def best_prefix(acceptances: list[float], costs: dict) -> int:
+    tokens, reach, best, best_k = 1.0, 1.0, 1.0 / costs["verify_ms"][1], 0
     for k, a in enumerate(acceptances, 1):
         reach *= a
         tokens += reach
-        if tokens / (verify[k + 1] + feed_ms * k) > best:
-            best, best_k = tokens / (verify[k + 1] + feed_ms * k), k
+        if (rate := tokens / head_step_ms(costs, k)) > best:
+            best, best_k = rate, k
     return best_k
 
 
@@ -157,7 +162,7 @@ def report(prompts: list[dict], costs: dict) -> None:
     def head_by_confidence(row):
         # a tenth no token fell in (short runs) reads as its midpoint
         chances = [rates.get(min(int(c * 10), 9), min(int(c * 10), 9) / 10 + 0.05) for c in row["chances"]]
-        return "head", best_prefix(chances, costs, feed)
+        return "head", best_prefix(chances, costs)
 
     def lookup_or_head(row):  # the shipped hybrid's choice, at a fixed k of 4
         return ("lookup", 4) if len(row["lookup"]) >= 2 else ("head", 2)
@@ -172,7 +177,7 @@ def report(prompts: list[dict], costs: dict) -> None:
         for k in range(1, K + 1):
             if len(row["lookup"]) >= k:
                 options.append(("lookup", k, min(row["lookup_matched"], k) + 1, costs["verify_ms"][k + 1]))
-            options.append(("head", k, min(row["head_matched"], k) + 1, costs["verify_ms"][k + 1] + feed * k))
+            options.append(("head", k, min(row["head_matched"], k) + 1, head_step_ms(costs, k)))
         best = max(options, key=lambda o: o[2] / o[3])
         return best[0], best[1]
 

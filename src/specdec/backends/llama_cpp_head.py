@@ -25,6 +25,7 @@ SPECDEC_LLAMA_CPP_HEAD=0 turns it off.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import mmap
@@ -75,7 +76,7 @@ class SplitHead:
     _head: np.ndarray = field(init=False, repr=False)
     _embed_blocks: np.ndarray | None = field(init=False, repr=False, default=None)  # Q8_0: [vocab, blocks, 34]
     _library: Any = field(init=False, repr=False)
-    _repacked: tuple[np.ndarray, np.ndarray] | None = field(init=False, repr=False, default=None)
+    _repacked: tuple[np.ndarray, np.ndarray] | None = field(init=False, repr=False, default=None)  # kept alive
 
     def __post_init__(self) -> None:
         self._mapped = np.memmap(self.source, dtype=np.uint8, mode="r")
@@ -86,9 +87,13 @@ class SplitHead:
             table = self._mapped[self.embed_offset : self.embed_offset + self.vocab_size * self.hidden // 32 * 34]
             self._embed_blocks = table.reshape(self.vocab_size, -1, BLOCK_BYTES)
         self._library = native_matmul.library()
-        self._product = getattr(self._library, product)
         if self.head_type == Q8_0 and self._library.q8_0_head_repacked_available() and self.hidden % 64 == 0:
-            self._repacked = _repacked_q8_0(self._library, self._head, self.vocab_size, self.hidden)
+            self._repacked = weights, scales = _repacked_q8_0(self._library, self._head, self.vocab_size, self.hidden)
+            product = functools.partial(self._library.q8_0_head_repacked, weights.ctypes.data, scales.ctypes.data)
+        else:
+            product = functools.partial(getattr(self._library, product), self._head.ctypes.data)
+        # (hidden rows, count, logits out, threads) -> 0, or the product's refusal code
+        self._multiply = functools.partial(product, self.vocab_size, self.hidden)
 
     @property
     def kernel(self) -> str:
@@ -122,14 +127,7 @@ class SplitHead:
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
         for start in range(0, n, MAX_POSITIONS):  # a batch of sequences can bring more positions
             count = min(MAX_POSITIONS, n - start)
-            if self._repacked is not None:
-                weights, scales = self._repacked
-                result = self._library.q8_0_head_repacked(weights.ctypes.data, scales.ctypes.data, self.vocab_size,
-                                                          self.hidden, hidden[start:].ctypes.data, count,
-                                                          out[start].data_ptr(), threads)
-            else:
-                result = self._product(self._head.ctypes.data, self.vocab_size, self.hidden,
-                                       hidden[start:].ctypes.data, count, out[start].data_ptr(), threads)
+            result = self._multiply(hidden[start:].ctypes.data, count, out[start].data_ptr(), threads)
             if result != 0:
                 raise RuntimeError(f"the head product refused {count} positions of {self.hidden} (code {result})")
         return out[:n]
