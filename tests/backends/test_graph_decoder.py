@@ -358,3 +358,38 @@ def test_feature_head_on_the_graph_path_gives_the_plain_output(kernels, k, int8)
         accepted += out.stats.accepted_tokens
     assert accepted > 100
 
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_feature_heads_greedy_rollout_drafts_what_its_steps_one_by_one_draft(kernels, copy):
+    """GraphFeatureDecoder.greedy_rollout (the greedy steps after a proposal's first, one
+    captured graph each, with the pick and the staging inside) proposes token for token what
+    the drafter's one-forward-per-step loop proposes, step after step through verdicts and
+    rewinds; with a random head (drafts mostly rejected) and a copied one (mostly accepted)."""
+    from specdec.draft_models.feature_head import GraphFeatureDecoder
+    from specdec.drafters.feature import FeatureDrafter
+    from specdec.generation import Generation
+
+    if kernels and DEVICE == "cpu":
+        pytest.skip("the fused kernels in Triton's interpreter: covered on CUDA")
+    model = tiny.llama(0, layers=1, dtype=DTYPE).to(DEVICE)
+    target = GraphDecoder(model, "static", DTYPE, set(), tiny.VOCAB, 256, kernels=kernels or None)
+    head = GraphFeatureDecoder(tiny.feature_head(model.cpu(), copy=copy), target, torch.arange(tiny.VOCAB), "head")
+    model.to(DEVICE)
+
+    def drafts(rollout: bool, prompt: list[int], k: int) -> list[list[int]]:
+        drafter = FeatureDrafter(head, rollout=rollout)
+        assert drafter._rolls_out is rollout
+        proposed = []
+        with Generation(target, drafter, prompt, SamplingParams(max_new_tokens=40, num_draft_tokens=k), None) as gen:
+            while not gen.finished:
+                step = gen.draft()
+                proposed.append(step.proposal.tokens.tolist())
+                gen.conclude(step, target.forward(step.verify_ids, gen.cache, step.num_logits))
+        return proposed
+
+    for prompt, k in zip(PROMPTS[:4], (2, 4, 6, 8)):
+        one_by_one = drafts(False, prompt, k)
+        assert drafts(True, prompt, k) == one_by_one, f"prompt {prompt}, k {k}"
+        assert len(one_by_one) > 3 and max(len(d) for d in one_by_one) == k

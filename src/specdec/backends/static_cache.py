@@ -38,6 +38,11 @@ class Slot:
         # argmax into its own input, so the next step needs nothing from the host.
         self.chain_input = torch.zeros(1, dtype=torch.long, device=device)
         self.chain_graph: torch.cuda.CUDAGraph | None = None
+        # A feature head's greedy rollout (draft_models/feature_head.py): its picks, the next
+        # one's index, and the graph of one step.
+        self.rollout: torch.Tensor | None = None
+        self.rollout_at: torch.Tensor | None = None
+        self.rollout_graph: torch.cuda.CUDAGraph | None = None
 
 
 class StaticCache:

@@ -20,8 +20,12 @@ from .model import ModelDrafter
 
 
 class FeatureDrafter(ModelDrafter):
-    def __init__(self, model: CausalLM) -> None:
+    def __init__(self, model: CausalLM, rollout: bool = True) -> None:
+        """rollout: greedy steps after the first run as the model's greedy_rollout where it has
+        one (the GPU's graphs: no host work between them; the head is never batched, so
+        nothing is lost by not yielding them). False: one yielded feed per step (to compare)."""
         super().__init__(model)
+        self._rolls_out = rollout and hasattr(model, "greedy_rollout")
         self._target: ExposesFeatures | None = None
         self._target_cache: object | None = None
 
@@ -55,6 +59,10 @@ class FeatureDrafter(ModelDrafter):
         logits = yield DraftFeed(self.model, new_tokens, self.cache)
         tokens, probs = [], []
         for i in range(k):
+            if i and self._rolls_out and params.greedy:  # the rest in one go, on the device
+                tokens.append(self.model.greedy_rollout(self.cache, tokens[-1], k - i))
+                probs.append(None)
+                break
             if i:
                 self.cache.features_in = self.cache.predicted
                 logits = yield DraftFeed(self.model, tokens[-1], self.cache)
