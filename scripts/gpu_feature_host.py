@@ -1,12 +1,15 @@
-"""Where a speculative step with a feature head loses time to the host, on the GPU: the 8B-shaped
-target and a feature head of its shape (int8 with FEATURE_INT8=1), synthetic acceptance alpha and k.
-Prints the wall time per step, the GPU's busy time per step (the kernels' sum, from the profiler)
-and the host's functions by own time. Usage: PYTHONPATH=src python3 scripts/gpu_feature_host.py [alpha k]"""
+"""Where a speculative step with a feature head loses time, on the GPU: the 8B-shaped target and a
+feature head of its shape (int8 with FEATURE_INT8=1), synthetic acceptance alpha and k; the head's
+greedy steps one forward each (`rollout off`) against its captured rollout (`on`), alternated.
+Prints per mode the wall time per step, the GPU's idle stretches (the profiler's kernels) and the
+host's time from a verdict to the next head launch; then the host's functions by own time.
+Usage: PYTHONPATH=src python3 scripts/gpu_feature_host.py [alpha k]"""
 from __future__ import annotations
 
 import cProfile
 import os
 import pstats
+import statistics
 import sys
 import time
 
@@ -15,7 +18,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "scripts")
 from gpu_bench import FEATURE_HEAD_TOKENS, llama, timed_generation  # noqa: E402
+from gpu_host_gaps import idle_report  # noqa: E402
 
+from specdec import trace  # noqa: E402
 from specdec.backends.graph_decoder import graph_decoder_for  # noqa: E402
 from specdec.backends.hf import HFCausalLM  # noqa: E402
 from specdec.draft_models.feature_head import FeatureHead, GraphFeatureDecoder, one_layer_config  # noqa: E402
@@ -35,28 +40,55 @@ def main() -> None:
     torch.manual_seed(2)
     head = GraphFeatureDecoder(FeatureHead(one_layer_config(target_hf.config)), target,
                                torch.arange(FEATURE_HEAD_TOKENS), "feature-8b", int8=os.environ.get("FEATURE_INT8") == "1")
-    make = lambda seed: SyntheticDrafter(FeatureDrafter(head), reference, alpha, vocab, seed=seed)  # noqa: E731
-    timed_generation(target, make(0), prompt, 32, k)  # captures the graphs
-    for seed in (1, 2):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        _, out = timed_generation(target, make(seed), prompt, 256, k)
-        wall = time.perf_counter() - started
-        print(f"alpha {alpha} k {k}: {1000 * wall / out.stats.target_forward_passes:.3f} ms a step, "
-              f"{out.stats.target_forward_passes} steps, {out.stats.generated_tokens} tokens", flush=True)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        _, out = timed_generation(target, make(3), prompt, 256, k)
-    steps = out.stats.target_forward_passes
-    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1000  # ms
-    print(f"GPU busy {busy / steps:.3f} ms a step (kernels' sum)")
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
+
+    def make(seed: int, rollout: bool) -> SyntheticDrafter:
+        return SyntheticDrafter(FeatureDrafter(head, rollout=rollout), reference, alpha, vocab, seed=seed)
+
+    modes = {"rollout off": False, "rollout on": True}
+    for rollout in modes.values():
+        timed_generation(target, make(0, rollout), prompt, 32, k)  # captures the graphs
+    per_step: dict[str, list[float]] = {mode: [] for mode in modes}
+    for seed in range(1, 6):  # the same draws for both modes, alternated
+        for mode, rollout in modes.items():
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            _, out = timed_generation(target, make(seed, rollout), prompt, 256, k)
+            steps = out.stats.target_forward_passes
+            per_step[mode].append(1000 * (time.perf_counter() - started) / steps)
+    for mode, rollout in modes.items():
+        print(f"alpha {alpha} k {k}, {mode}: {statistics.median(per_step[mode]):.3f} ms a step (median of "
+              f"{len(per_step[mode])}: {', '.join(f'{t:.3f}' for t in per_step[mode])})", flush=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            timed_generation(target, make(1, rollout), prompt, 256, k)
+        print("  " + idle_report(prof, skip=0.25).replace("\n", "\n  "), flush=True)
+        print(f"  host: {host_marks(target, head, make(1, rollout), prompt, k)}")
     profiler = cProfile.Profile()
     profiler.enable()
-    _, out = timed_generation(target, make(4), prompt, 256, k)
+    _, out = timed_generation(target, make(4, True), prompt, 256, k)
     profiler.disable()
-    steps = out.stats.target_forward_passes
-    print(f"host profile over {steps} steps (cProfile slows the host):")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    print(f"host profile, rollout on, over {out.stats.target_forward_passes} steps (cProfile slows the host):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
+def host_marks(target, head, drafter, prompt, k) -> str:
+    """The host's time from a verdict to the next head launch (the GPU idles), and from that
+    launch to the verify's (the host issuing the draft steps; nothing in it waits)."""
+    marks: dict[str, list[float]] = {"verdict": [], "head": [], "verify": []}
+
+    def record(event: str, source, at: float) -> None:
+        if event == "verdict":
+            marks["verdict"].append(at)
+        elif event == "forward" and source is head and len(marks["head"]) < len(marks["verdict"]):
+            marks["head"].append(at)  # the next step's catch-up feed
+        elif event == "forward" and source is target and len(marks["verify"]) < len(marks["head"]):
+            marks["verify"].append(at)
+
+    with trace.recording(record):
+        timed_generation(target, drafter, prompt, 256, k)
+    idle = [1e6 * (b - a) for a, b in zip(marks["verdict"], marks["head"])]
+    drafting = [1e6 * (b - a) for a, b in zip(marks["head"], marks["verify"])]
+    return (f"median {statistics.median(idle):.0f} us from a verdict to the next head launch, "
+            f"{statistics.median(drafting):.0f} us issuing the draft steps, over {len(idle)} steps")
 
 
 if __name__ == "__main__":
