@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from server_util import running_server, wait_until_serving
+from server_util import server_process, stop_under_load, wait_until_serving
 
 
 MODEL = "replicated"
@@ -40,10 +40,10 @@ def wait_for_replicas(base: str, count: int, timeout: float = 120.0) -> set[str]
 def replicated(slow_model_dir):
     pytest.importorskip("ray.serve", reason="the ray extra is not installed")
     # The slow model (no EOS): a request runs to max_tokens and stays in flight for seconds.
-    with running_server("--target", str(slow_model_dir), "--served-model-name", MODEL, "--replicas", "2",
-                        "--max-concurrency", "4", "--drain-timeout", "5", timeout=180) as base:
+    with server_process("--target", str(slow_model_dir), "--served-model-name", MODEL, "--replicas", "2",
+                        "--max-concurrency", "4", "--drain-timeout", "30", timeout=180) as (base, proc):
         wait_until_serving(base, MODEL)
-        yield base, wait_for_replicas(base, 2)
+        yield base, wait_for_replicas(base, 2), proc
 
 
 def test_replica_settings_follow_the_flags_and_bad_ones_are_refused():
@@ -63,7 +63,7 @@ def test_replica_settings_follow_the_flags_and_bad_ones_are_refused():
 
 @pytest.mark.heavy
 def test_requests_are_spread_over_the_replicas_and_each_gives_the_same_greedy_text(replicated):
-    base, replicas = replicated
+    base, replicas, _ = replicated
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def ask(i: int) -> tuple[str, str, str]:
@@ -84,7 +84,7 @@ def test_requests_are_spread_over_the_replicas_and_each_gives_the_same_greedy_te
 
 @pytest.mark.heavy
 def test_a_replica_killed_mid_load_loses_only_its_own_requests_and_the_rest_go_on(replicated):
-    base, _ = replicated
+    base, _, _ = replicated
     started: dict[int, str] = {}
 
     def stream(i: int) -> tuple[str, bool]:
@@ -125,3 +125,12 @@ def test_a_replica_killed_mid_load_loses_only_its_own_requests_and_the_rest_go_o
         assert time.monotonic() < deadline, response.text
         time.sleep(0.5)
     assert replica_of(response) != victim
+
+
+def test_a_stopped_server_lets_its_replicas_finish_their_streams_then_exits(replicated):
+    """Last in this module: it stops the module's server. SIGTERM drains the replicas (Ray Serve
+    stops each gracefully while its proxy still carries the streams) before Ray shuts down."""
+    base, _, proc = replicated
+    ends, exit_s = stop_under_load(proc, base, MODEL, streams=4, max_tokens=160)
+    assert ends == ["length"] * 4, ends
+    assert proc.returncode == 0 and exit_s < 60, (proc.returncode, exit_s)

@@ -30,11 +30,14 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--min-replicas", type=int, default=1, help="--replicas auto: the fewest (default 1)")
     p.add_argument("--max-replicas", type=int, default=4, help="--replicas auto: the most (default 4)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="seconds a replica being removed may finish its requests (default 60)")
+                   help="on a stop (SIGTERM, Ctrl-C), or for a replica being removed: seconds the requests in "
+                        "flight may take to finish, while no new ones are taken; then they are cut (default 60)")
     p.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.drain_timeout < 0:
+        raise SpecDecError("--drain-timeout must be >= 0 seconds")
     if args.replicas is not None:
         from .replicas import serve_replicas
 
@@ -43,7 +46,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     app = build_app(args)
     logging.getLogger("specdec").info("serving on http://%s:%d", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # On SIGTERM or Ctrl-C uvicorn closes the listener and lets the requests in flight finish
+    # (streams included), for --drain-timeout seconds at most.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=args.drain_timeout)
     return 0
 
 

@@ -6,7 +6,7 @@ proxy spreads requests over the replicas (the OpenAI routes are unchanged), rest
 dies (only the requests it held fail), and with `--replicas auto` scales between
 `--min-replicas` and `--max-replicas` on ongoing requests per replica (each one's queue depth).
 A replica being removed takes no new requests and finishes those it holds (drain, up to
-`--drain-timeout` seconds). Every response names the replica that served it
+`--drain-timeout` seconds); a stop (SIGTERM, Ctrl-C) drains every replica before Ray shuts down. Every response names the replica that served it
 (`x-specdec-replica`: its process id), and so do its metrics (`specdec_replica_info`). Each
 replica runs on its share of the machine's cores (`threads_per_replica`).
 
@@ -118,8 +118,17 @@ def serve_replicas(args: argparse.Namespace, build: Callable[[argparse.Namespace
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            # Drain first: deleting the app stops its replicas gracefully (each finishes what it
+            # holds, up to --drain-timeout) while the proxy still carries their streams.
+            # serve.shutdown() alone stops the proxy at once and cuts every stream.
+            log.info("draining the replicas (up to %.0f s; interrupt again to stop now)", args.drain_timeout)
+            serve.delete(APP_NAME)
+        except KeyboardInterrupt:
+            log.warning("stopping without waiting for the requests in flight")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
     return 0
 
 
