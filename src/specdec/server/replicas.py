@@ -126,6 +126,8 @@ def serve_replicas(args: argparse.Namespace, build: Callable[[argparse.Namespace
             serve.delete(APP_NAME)
         except KeyboardInterrupt:
             log.warning("stopping without waiting for the requests in flight")
+        except Exception as error:  # e.g. the app never deployed: the error that stopped it is the one to raise
+            log.warning("could not drain the replicas: %s", error)
         finally:
             serve.shutdown()
             ray.shutdown()
