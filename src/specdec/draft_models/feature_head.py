@@ -319,10 +319,10 @@ class GraphFeatureDecoder(_FeatureInputs, GraphDecoder):
         Returns the picked token ids [steps], on the device."""
         self._check_room(cache, steps)
         slot = cache.slot
+        self._rollout_buffers(slot)
         if self._graphs and slot.rollout_graph is None:
             slot.start.fill_(cache.length)  # the capture's warm-up runs write past the length
             self._capture_rollout(slot)
-        self._rollout_buffers(slot)
         slot.chain_input.copy_(token)
         slot.features[:1].copy_(cache.predicted)
         slot.start.fill_(cache.length)
@@ -354,7 +354,6 @@ class GraphFeatureDecoder(_FeatureInputs, GraphDecoder):
         slot.start.add_(1)
 
     def _capture_rollout(self, slot: Any) -> None:
-        self._rollout_buffers(slot)
         start = slot.start.clone()  # warm-up runs advance it
         slot.rollout_graph = self._capture_graphs.captured(lambda: self._rollout_body(slot))
         slot.start.copy_(start)
